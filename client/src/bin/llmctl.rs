@@ -1,0 +1,375 @@
+//! `llmctl`: command-line client of llmd.
+
+use clap::{CommandFactory, Parser, Subcommand};
+use llmd_client::proto::methods::{ProfileState, ProfileStatus};
+use llmd_client::{Client, Error};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Command-line client of the llmd credential daemon.
+#[derive(Parser)]
+#[command(name = "llmctl", version, about)]
+struct Cli {
+    /// Socket path (default: $LLMD_SOCKET, else $XDG_RUNTIME_DIR/llmd/llmd.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show the daemon's profiles and their state.
+    Status {
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a profile's bare token (for apiKeyHelper or scripts).
+    Token {
+        /// Profile name.
+        profile: String,
+        /// The token must stay valid at least this many seconds.
+        #[arg(long, value_name = "SECS")]
+        min_valid: Option<u64>,
+    },
+    /// Print the auth headers a request to the profile's provider needs.
+    Headers {
+        /// Profile name.
+        profile: String,
+        /// Print JSON instead of `name: value` lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Force a refresh of a login and print the new expiry.
+    Refresh {
+        /// Profile name.
+        profile: String,
+    },
+    /// Make the daemon re-read its config and credential files.
+    Reload,
+    /// Log in to an OAuth profile: open the URL, paste the code shown.
+    Login {
+        /// Profile name.
+        profile: String,
+    },
+    /// Store an API key (or with --setup-token, a setup-token) read from stdin.
+    SetKey {
+        /// Profile name.
+        profile: String,
+        /// The secret is an Anthropic setup-token (`claude setup-token`).
+        #[arg(long)]
+        setup_token: bool,
+    },
+    /// Follow token and state events until interrupted.
+    Events,
+    /// Measure round trips to the daemon.
+    Ping {
+        /// Number of round trips.
+        #[arg(short = 'n', default_value_t = 10)]
+        count: u32,
+    },
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("llmctl: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(socket: Option<PathBuf>) -> Result<Client, String> {
+    let path = llmd_client::proto::paths::resolve_socket_path(socket, None);
+    Client::connect_to(path).await.map_err(|e| e.to_string())
+}
+
+fn describe(e: Error) -> String {
+    e.to_string()
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(shell, &mut Cli::command(), "llmctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let client = connect(cli.socket).await?;
+    match cli.cmd {
+        Cmd::Status { json } => {
+            let s = client.status().await.map_err(describe)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "llmd {} (protocol {}), up {}, {} connection(s)",
+                    s.version,
+                    s.protocol,
+                    human(s.uptime_secs as i64),
+                    s.connections
+                );
+                print!("{}", status_table(&s.profiles, now()));
+            }
+        }
+        Cmd::Token { profile, min_valid } => {
+            let t = client.token(&profile, min_valid).await.map_err(describe)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", t.token).map_err(|e| e.to_string())?;
+        }
+        Cmd::Headers { profile, json } => {
+            let t = client.token(&profile, None).await.map_err(describe)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&t.headers).map_err(|e| e.to_string())?
+                );
+            } else {
+                for (k, v) in &t.headers {
+                    println!("{k}: {v}");
+                }
+            }
+        }
+        Cmd::Refresh { profile } => {
+            let t = client.refresh(&profile).await.map_err(describe)?;
+            println!("{}: refreshed, {}", profile, expiry(t.expires_at, now()));
+        }
+        Cmd::Reload => {
+            let r = client.reload().await.map_err(describe)?;
+            println!("reloaded: {}", r.profiles.join(", "));
+        }
+        Cmd::Login { profile } => {
+            let start = client.login_start(&profile).await.map_err(describe)?;
+            eprintln!(
+                "Open this URL in a browser, log in, and paste the code it shows:\n\n{}\n",
+                start.url
+            );
+            eprint!("Code: ");
+            let _ = std::io::stderr().flush();
+            let mut code = String::new();
+            std::io::stdin()
+                .read_line(&mut code)
+                .map_err(|e| format!("cannot read the code: {e}"))?;
+            let done = client
+                .login_finish(&profile, code.trim())
+                .await
+                .map_err(describe)?;
+            println!("{profile}: logged in, {}", expiry(done.expires_at, now()));
+        }
+        Cmd::SetKey {
+            profile,
+            setup_token,
+        } => {
+            if std::io::stdin().is_terminal() {
+                eprintln!(
+                    "Paste the {} and press Enter, then Ctrl-D:",
+                    if setup_token {
+                        "setup-token"
+                    } else {
+                        "API key"
+                    }
+                );
+            }
+            let mut secret = String::new();
+            std::io::stdin()
+                .read_to_string(&mut secret)
+                .map_err(|e| format!("cannot read stdin: {e}"))?;
+            let secret = secret.trim();
+            if secret.is_empty() {
+                return Err(
+                    "nothing on stdin: pipe the secret in, e.g. `llmctl set-key NAME < keyfile`"
+                        .into(),
+                );
+            }
+            if setup_token {
+                client
+                    .set_setup_token(&profile, secret)
+                    .await
+                    .map_err(describe)?;
+            } else {
+                client
+                    .set_api_key(&profile, secret)
+                    .await
+                    .map_err(describe)?;
+            }
+            println!("{profile}: stored");
+        }
+        Cmd::Events => {
+            let mut rx = client.subscribe(&[]).await.map_err(describe)?;
+            while let Some(e) = rx.recv().await {
+                println!("{}", serde_json::to_string(&e).map_err(|e| e.to_string())?);
+            }
+            return Err("llmd closed the connection".into());
+        }
+        Cmd::Ping { count } => {
+            let count = count.max(1);
+            let mut times = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let t = Instant::now();
+                client
+                    .hello("llmctl", env!("CARGO_PKG_VERSION"))
+                    .await
+                    .map_err(describe)?;
+                times.push(t.elapsed());
+            }
+            times.sort();
+            let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+            println!(
+                "{} round trips: min {} median {} p99 {}",
+                count,
+                micros(times[0]),
+                micros(pct(0.5)),
+                micros(pct(0.99))
+            );
+        }
+        Cmd::Completions { .. } => {}
+    }
+    Ok(())
+}
+
+fn micros(d: Duration) -> String {
+    format!("{}µs", d.as_micros())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `4h12m`, `3m05s`, `2d3h`.
+fn human(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        s if s >= 86_400 => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn expiry(expires_at: Option<i64>, now: i64) -> String {
+    match expires_at {
+        None => "does not expire".into(),
+        Some(e) if e <= now => format!("expired {} ago", human(now - e)),
+        Some(e) => format!("expires in {}", human(e - now)),
+    }
+}
+
+fn state_text(p: &ProfileStatus, now: i64) -> String {
+    match p.state {
+        ProfileState::NeedsLogin => format!("needs login: run llmctl login {}", p.name),
+        ProfileState::Missing => match &p.last_error {
+            Some(e) => format!("missing: {e}"),
+            None => "missing".into(),
+        },
+        ProfileState::Error => format!("error: {}", p.last_error.as_deref().unwrap_or("unknown")),
+        ProfileState::Refreshing => "refreshing".into(),
+        ProfileState::Ok => match p.expires_at {
+            None => "ok".into(),
+            Some(_) => expiry(p.expires_at, now),
+        },
+    }
+}
+
+fn status_table(profiles: &[ProfileStatus], now: i64) -> String {
+    if profiles.is_empty() {
+        return "no profiles configured: set ANTHROPIC_API_KEY (or another provider key) or write ~/.config/llmd/config.toml\n".into();
+    }
+    let rows: Vec<[String; 4]> = profiles
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                p.provider.clone(),
+                p.auth.clone(),
+                state_text(p, now),
+            ]
+        })
+        .collect();
+    let head = ["PROFILE", "PROVIDER", "AUTH", "STATE"];
+    let w: Vec<usize> = (0..3)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([head[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = format!(
+        "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
+        head[0],
+        head[1],
+        head[2],
+        head[3],
+        w0 = w[0],
+        w1 = w[1],
+        w2 = w[2]
+    );
+    for r in rows {
+        out += &format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2]
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(name: &str, state: ProfileState, exp: Option<i64>) -> ProfileStatus {
+        ProfileStatus {
+            name: name.into(),
+            provider: "anthropic".into(),
+            auth: "oauth".into(),
+            state,
+            expires_at: exp,
+            last_refresh_at: None,
+            refresh_count: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(4 * 3600 + 12 * 60 + 5), "4h12m");
+        assert_eq!(human(185), "3m05s");
+        assert_eq!(human(2 * 86_400 + 3 * 3600), "2d3h");
+        assert_eq!(human(-5), "0s");
+    }
+
+    #[test]
+    fn table_shows_expiry_and_login_hint() {
+        let t = status_table(
+            &[
+                st("work", ProfileState::Ok, Some(1000 + 4 * 3600 + 12 * 60)),
+                st("claude", ProfileState::NeedsLogin, None),
+            ],
+            1000,
+        );
+        assert!(t.contains("expires in 4h12m"), "{t}");
+        assert!(t.contains("needs login: run llmctl login claude"), "{t}");
+        assert!(t.starts_with("PROFILE"));
+    }
+}

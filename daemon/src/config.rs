@@ -1,0 +1,593 @@
+//! The TOML config of DESIGN.md ("Config"), parsed strictly, and the embedded default.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[daemon]`
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// `[profiles.NAME]`, ordered by name.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+/// `[daemon]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Socket path.
+    pub socket: Option<PathBuf>,
+    /// Where stored keys and OAuth bundles live.
+    pub state_dir: Option<PathBuf>,
+    /// Refresh OAuth tokens this long before they expire.
+    pub refresh_margin_secs: u64,
+    /// Give up on one upstream refresh call after this long.
+    pub refresh_timeout_secs: u64,
+    /// Longest accepted request line.
+    pub max_frame_bytes: usize,
+    /// Concurrent client connections; more are answered `busy`.
+    pub max_connections: usize,
+    /// Responses queued for a client that does not read before it is disconnected.
+    pub max_queued_responses: usize,
+    /// A connection holding half a line this long is closed.
+    pub idle_timeout_secs: u64,
+    /// How long SIGTERM waits for in-flight requests.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: None,
+            state_dir: None,
+            refresh_margin_secs: 300,
+            refresh_timeout_secs: 30,
+            max_frame_bytes: llmd_proto::DEFAULT_MAX_FRAME_BYTES,
+            max_connections: 1024,
+            max_queued_responses: 1024,
+            idle_timeout_secs: 60,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Which API a profile talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    /// Anthropic Messages API.
+    Anthropic,
+    /// Any OpenAI-format chat completions server.
+    OpenaiCompat,
+    /// Google Gemini.
+    Gemini,
+    /// MiniMax.
+    Minimax,
+}
+
+impl Provider {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Anthropic => "anthropic",
+            Provider::OpenaiCompat => "openai-compat",
+            Provider::Gemini => "gemini",
+            Provider::Minimax => "minimax",
+        }
+    }
+
+    /// The environment variable read for an API key when the profile names none.
+    pub fn default_key_env(self) -> &'static str {
+        match self {
+            Provider::Anthropic => "ANTHROPIC_API_KEY",
+            Provider::OpenaiCompat => "OPENAI_API_KEY",
+            Provider::Gemini => "GEMINI_API_KEY",
+            Provider::Minimax => "MINIMAX_API_KEY",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a profile authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthKind {
+    /// A static API key.
+    ApiKey,
+    /// An Anthropic setup-token (long-lived OAuth access token).
+    SetupToken,
+    /// An OAuth login whose bundle llmd keeps.
+    Oauth,
+    /// Claude Code's own login in `.credentials.json`.
+    ClaudeCli,
+}
+
+impl AuthKind {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthKind::ApiKey => "api-key",
+            AuthKind::SetupToken => "setup-token",
+            AuthKind::Oauth => "oauth",
+            AuthKind::ClaudeCli => "claude-cli",
+        }
+    }
+
+    /// True for logins that llmd refreshes.
+    pub fn is_login(self) -> bool {
+        matches!(self, AuthKind::Oauth | AuthKind::ClaudeCli)
+    }
+}
+
+impl fmt::Display for AuthKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[profiles.NAME]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Provider API.
+    pub provider: Provider,
+    /// Auth kind.
+    pub auth: AuthKind,
+    /// Environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// File (0600) holding the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// OAuth bundle path (default: `<state_dir>/oauth/<profile>.json`).
+    pub bundle: Option<PathBuf>,
+    /// OAuth token endpoint.
+    pub token_endpoint: Option<String>,
+    /// OAuth authorize URL (login).
+    pub authorize_url: Option<String>,
+    /// OAuth redirect URI (login).
+    pub redirect_uri: Option<String>,
+    /// OAuth scopes requested at login.
+    pub scopes: Option<Vec<String>>,
+    /// OAuth client id.
+    pub client_id: Option<String>,
+    /// API base URL.
+    pub base_url: Option<String>,
+    /// Model used when a request names none.
+    pub default_model: Option<String>,
+    /// Claude Code config folder (default `$CLAUDE_CONFIG_DIR` or `~/.claude`).
+    pub claude_config_dir: Option<PathBuf>,
+    /// MiniMax group id, sent as `X-MiniMax-Group-Id`.
+    pub group_id: Option<String>,
+    /// MiniMax OAuth region base (default `https://api.minimax.io`).
+    pub region: Option<String>,
+    /// Headers added to every provider request.
+    #[serde(default)]
+    pub extra_headers: BTreeMap<String, String>,
+    /// Shared limits of this profile.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `[profiles.NAME.rate_limit]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u32>,
+    /// Tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Concurrent requests.
+    pub max_concurrent: Option<u32>,
+}
+
+impl ProfileConfig {
+    /// A bare profile of `provider` with `auth` and nothing else set.
+    pub fn new(provider: Provider, auth: AuthKind) -> Self {
+        ProfileConfig {
+            provider,
+            auth,
+            api_key_env: None,
+            api_key_file: None,
+            bundle: None,
+            token_endpoint: None,
+            authorize_url: None,
+            redirect_uri: None,
+            scopes: None,
+            client_id: None,
+            base_url: None,
+            default_model: None,
+            claude_config_dir: None,
+            group_id: None,
+            region: None,
+            extra_headers: BTreeMap::new(),
+            rate_limit: None,
+        }
+    }
+}
+
+/// A config that could not be used; the message names the file, line and key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where the config came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A file that exists.
+    File(PathBuf),
+    /// No file: the embedded default.
+    Embedded,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Embedded => f.write_str("embedded default"),
+        }
+    }
+}
+
+/// The config path: an explicit one (flag or `LLMD_CONFIG`), else
+/// `$XDG_CONFIG_HOME/llmd/config.toml`, else `~/.config/llmd/config.toml`.
+pub fn config_path(explicit: Option<PathBuf>) -> (PathBuf, bool) {
+    if let Some(p) = explicit.or_else(|| env_path("LLMD_CONFIG")) {
+        return (p, true);
+    }
+    let base = env_path("XDG_CONFIG_HOME").unwrap_or_else(|| home_dir().join(".config"));
+    (base.join("llmd").join("config.toml"), false)
+}
+
+/// The state folder: `[daemon] state_dir`, else `$XDG_STATE_HOME/llmd`, else
+/// `~/.local/state/llmd`.
+pub fn state_dir(cfg: &DaemonConfig) -> PathBuf {
+    cfg.state_dir.clone().unwrap_or_else(|| {
+        env_path("XDG_STATE_HOME")
+            .unwrap_or_else(|| home_dir().join(".local").join("state"))
+            .join("llmd")
+    })
+}
+
+/// The user's home folder (`$HOME`, falling back to `/`).
+pub fn home_dir() -> PathBuf {
+    env_path("HOME").unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Claude Code's config folder for a profile: its `claude_config_dir`, else
+/// `$CLAUDE_CONFIG_DIR`, else `~/.claude`.
+pub fn claude_dir(profile: &ProfileConfig) -> PathBuf {
+    profile
+        .claude_config_dir
+        .clone()
+        .or_else(|| env_path("CLAUDE_CONFIG_DIR"))
+        .unwrap_or_else(|| home_dir().join(".claude"))
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Loads the config from `path`; a missing file that was not asked for explicitly gives
+/// the embedded default.
+pub fn load(path: &Path, explicit: bool) -> Result<(Config, ConfigSource), ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((parse(&text, path)?, ConfigSource::File(path.to_path_buf()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok((embedded_default(), ConfigSource::Embedded))
+        }
+        Err(e) => Err(ConfigError(format!(
+            "{}: cannot read config: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Parses and validates config text; errors name `path`, the line and the key.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let cfg: Config = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError(format!(
+            "{}:{line}:{col}: {}",
+            path.display(),
+            e.message().trim()
+        ))
+    })?;
+    validate(&cfg).map_err(|(profile, key, msg)| {
+        let line = profile
+            .as_deref()
+            .and_then(|p| find_key_line(text, p, key))
+            .unwrap_or(1);
+        let name = match profile {
+            Some(p) => format!("profiles.{p}.{key}"),
+            None => format!("daemon.{key}"),
+        };
+        ConfigError(format!("{}:{line}: `{name}`: {msg}", path.display()))
+    })?;
+    Ok(cfg)
+}
+
+type Invalid = (Option<String>, &'static str, String);
+
+fn validate(cfg: &Config) -> Result<(), Invalid> {
+    let d = &cfg.daemon;
+    if d.max_frame_bytes < 1024 {
+        return Err((None, "max_frame_bytes", "must be at least 1024".into()));
+    }
+    if d.max_connections == 0 {
+        return Err((None, "max_connections", "must be at least 1".into()));
+    }
+    if d.max_queued_responses == 0 {
+        return Err((None, "max_queued_responses", "must be at least 1".into()));
+    }
+    if d.refresh_timeout_secs == 0 {
+        return Err((None, "refresh_timeout_secs", "must be at least 1".into()));
+    }
+    for (name, p) in &cfg.profiles {
+        let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad(
+                "provider",
+                "profile names may use only letters, digits, `-`, `_` and `.`".into(),
+            );
+        }
+        let allowed: &[AuthKind] = match p.provider {
+            Provider::Anthropic => &[
+                AuthKind::ApiKey,
+                AuthKind::SetupToken,
+                AuthKind::Oauth,
+                AuthKind::ClaudeCli,
+            ],
+            Provider::Minimax => &[AuthKind::ApiKey, AuthKind::Oauth],
+            Provider::OpenaiCompat | Provider::Gemini => &[AuthKind::ApiKey],
+        };
+        if !allowed.contains(&p.auth) {
+            let list: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
+            return bad(
+                "auth",
+                format!(
+                    "`{}` is not available for provider `{}` (use {})",
+                    p.auth,
+                    p.provider,
+                    list.join(", ")
+                ),
+            );
+        }
+        if p.api_key_env.is_some() && p.api_key_file.is_some() {
+            return bad(
+                "api_key_file",
+                "set either `api_key_env` or `api_key_file`, not both".into(),
+            );
+        }
+        if !matches!(p.auth, AuthKind::ApiKey | AuthKind::SetupToken) {
+            let key = if p.api_key_env.is_some() {
+                "api_key_env"
+            } else {
+                "api_key_file"
+            };
+            if p.api_key_env.is_some() || p.api_key_file.is_some() {
+                return bad(
+                    key,
+                    format!(
+                        "only api-key and setup-token profiles read a key, not `{}`",
+                        p.auth
+                    ),
+                );
+            }
+        }
+        if p.bundle.is_some() && p.auth != AuthKind::Oauth {
+            return bad(
+                "bundle",
+                "only `auth = \"oauth\"` profiles use a bundle".into(),
+            );
+        }
+        if p.claude_config_dir.is_some() && p.auth != AuthKind::ClaudeCli {
+            return bad(
+                "claude_config_dir",
+                "only `auth = \"claude-cli\"` profiles use it".into(),
+            );
+        }
+        for (key, url) in [
+            ("base_url", &p.base_url),
+            ("token_endpoint", &p.token_endpoint),
+            ("authorize_url", &p.authorize_url),
+            ("region", &p.region),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return bad(key, format!("`{u}` is not an http(s) URL"));
+                }
+            }
+        }
+        for (k, v) in &p.extra_headers {
+            if k.is_empty()
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return bad("extra_headers", format!("`{k}` is not a valid header name"));
+            }
+            if v.bytes().any(|b| b == b'\r' || b == b'\n') {
+                return bad(
+                    "extra_headers",
+                    format!("value of `{k}` contains a line break"),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+/// The line of `key` inside `[profiles.NAME]`, else of the table header.
+fn find_key_line(text: &str, profile: &str, key: &str) -> Option<usize> {
+    let header = format!("[profiles.{profile}]");
+    let quoted = format!("[profiles.\"{profile}\"]");
+    let mut in_table = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if in_table.is_some() {
+                break;
+            }
+            if t == header || t == quoted {
+                in_table = Some(i + 1);
+            }
+        } else if in_table.is_some() && t.split('=').next().map(str::trim) == Some(key) {
+            return Some(i + 1);
+        }
+    }
+    in_table
+}
+
+/// The config used when no file exists: one api-key profile per provider whose standard
+/// environment variable is set, and `claude` when Claude Code's login file exists.
+pub fn embedded_default() -> Config {
+    let mut profiles = BTreeMap::new();
+    for (name, provider) in [
+        ("anthropic", Provider::Anthropic),
+        ("openai", Provider::OpenaiCompat),
+        ("gemini", Provider::Gemini),
+        ("minimax", Provider::Minimax),
+    ] {
+        if std::env::var_os(provider.default_key_env()).is_some_and(|v| !v.is_empty()) {
+            profiles.insert(
+                name.to_string(),
+                ProfileConfig::new(provider, AuthKind::ApiKey),
+            );
+        }
+    }
+    let claude = ProfileConfig::new(Provider::Anthropic, AuthKind::ClaudeCli);
+    if claude_dir(&claude).join(".credentials.json").exists() {
+        profiles.insert("claude".to_string(), claude);
+    }
+    Config {
+        daemon: DaemonConfig::default(),
+        profiles,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/llmd.toml"))
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let cfg = p(r#"
+[daemon]
+socket = "/run/user/1000/llmd/llmd.sock"
+refresh_margin_secs = 300
+max_frame_bytes = 16777216
+max_connections = 1024
+
+[profiles.claude]
+provider = "anthropic"
+auth = "claude-cli"
+extra_headers = { "x-custom" = "v" }
+[profiles.claude.rate_limit]
+requests_per_minute = 50
+tokens_per_minute = 400000
+max_concurrent = 8
+
+[profiles.ds]
+provider = "openai-compat"
+auth = "api-key"
+api_key_env = "DEEPSEEK_API_KEY"
+base_url = "https://api.deepseek.com/v1"
+"#)
+        .unwrap();
+        assert_eq!(cfg.profiles["claude"].auth, AuthKind::ClaudeCli);
+        assert_eq!(
+            cfg.profiles["claude"]
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .max_concurrent,
+            Some(8)
+        );
+        assert_eq!(cfg.profiles["ds"].provider, Provider::OpenaiCompat);
+        assert_eq!(cfg.daemon.refresh_margin_secs, 300);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = p("[daemon]\nmax_connections = 4\n\n[profiles.a]\nprovider = \"gemini\"\nauth = \"api-key\"\napi_kee_env = \"X\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("/etc/llmd.toml:7:"), "{e}");
+        assert!(e.contains("api_kee_env"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let e = p("[daemon]\nmax_connections = \"many\"\n").unwrap_err().0;
+        assert!(e.starts_with("/etc/llmd.toml:2:"), "{e}");
+        let e = p("[profiles.x]\nprovider = \"cohere\"\nauth = \"api-key\"\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("/etc/llmd.toml:2:") && e.contains("cohere"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn auth_not_available_for_provider() {
+        let e = p("[profiles.g]\nprovider = \"gemini\"\nauth = \"oauth\"\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("/etc/llmd.toml:3:") && e.contains("profiles.g.auth"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_urls_and_headers_rejected() {
+        let e =
+            p("[profiles.g]\nprovider = \"gemini\"\nauth = \"api-key\"\nbase_url = \"ftp://x\"\n")
+                .unwrap_err()
+                .0;
+        assert!(
+            e.contains("profiles.g.base_url") && e.contains(":4:"),
+            "{e}"
+        );
+        let e = p("[profiles.g]\nprovider = \"gemini\"\nauth = \"api-key\"\nextra_headers = { \"a b\" = \"v\" }\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("extra_headers"), "{e}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ab", 0), (1, 1));
+    }
+}

@@ -1,0 +1,47 @@
+//! Static API keys: from the key store, a 0600 file, or an environment variable.
+
+use super::store;
+use crate::config::ProfileConfig;
+use crate::fsutil;
+use crate::secret::Secret;
+use std::path::Path;
+
+/// Finds the key for a profile. Order: a key stored with `credentials.set`, then
+/// `api_key_file`, then `api_key_env` (or the provider's standard variable).
+/// `Err` explains what is missing or wrong, without the key.
+pub fn load(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result<Secret, String> {
+    if let Some(key) = store::read(state_dir, name, store::Kind::ApiKey)? {
+        return Ok(key);
+    }
+    if let Some(path) = &cfg.api_key_file {
+        return read_key_file(path);
+    }
+    let var = cfg
+        .api_key_env
+        .as_deref()
+        .unwrap_or_else(|| cfg.provider.default_key_env());
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim())),
+        _ => Err(format!(
+            "no API key: set {var} in llmd's environment or run `llmctl set-key {name}`"
+        )),
+    }
+}
+
+/// Reads a key file, refusing one that group or others can read.
+pub fn read_key_file(path: &Path) -> Result<Secret, String> {
+    if fsutil::is_exposed(path) {
+        return Err(format!(
+            "{} is readable by group/others; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(format!("key file {} is empty", path.display()));
+    }
+    Ok(Secret::new(key))
+}

@@ -1,0 +1,19 @@
+//! `hello`: the agent names itself; the daemon answers with its version.
+
+use super::{ok, parse, Ctx, Reply};
+use llmd_proto::methods::{HelloParams, HelloResult};
+use serde_json::value::RawValue;
+
+/// Records the agent's name for logs and answers with server and protocol versions.
+pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
+    let p: HelloParams = parse(params)?;
+    tracing::debug!(agent = %p.client, agent_version = %p.version, "hello");
+    if let Ok(mut a) = ctx.conn.agent.lock() {
+        *a = Some(format!("{}/{}", p.client, p.version));
+    }
+    ok(&HelloResult {
+        server: "llmd".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: llmd_proto::PROTOCOL_VERSION,
+    })
+}

@@ -1,0 +1,72 @@
+//! One handler per method. Each takes its params raw, parses its own shape and returns a
+//! serialized result, so the connection code knows nothing about methods.
+
+pub mod cancel;
+pub mod credentials;
+pub mod hello;
+pub mod login;
+pub mod reload;
+pub mod status;
+pub mod subscribe;
+pub mod token;
+
+use crate::server::connection::Conn;
+use crate::state::Daemon;
+use llmd_proto::methods::names;
+use llmd_proto::{ErrorKind, Id, RpcError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// What a handler may use.
+pub struct Ctx {
+    /// Shared daemon state.
+    pub daemon: Arc<Daemon>,
+    /// The calling connection.
+    pub conn: Arc<Conn>,
+}
+
+/// A handler's answer.
+pub type Reply = Result<Box<RawValue>, RpcError>;
+
+/// Runs the handler of `method`.
+pub async fn dispatch(
+    ctx: &Ctx,
+    _id: Option<&Id>,
+    method: &str,
+    params: Option<&RawValue>,
+) -> Reply {
+    match method {
+        names::HELLO => hello::handle(ctx, params),
+        names::STATUS => status::handle(ctx, params),
+        names::TOKEN => token::token(ctx, params).await,
+        names::REFRESH => token::refresh(ctx, params).await,
+        names::RELOAD => reload::handle(ctx, params),
+        names::SUBSCRIBE => subscribe::handle(ctx, params),
+        names::CREDENTIALS_SET => credentials::set(ctx, params),
+        names::LOGIN_START => login::start(ctx, params),
+        names::LOGIN_FINISH => login::finish(ctx, params).await,
+        other => Err(RpcError::new(
+            ErrorKind::MethodNotFound,
+            format!("no method `{other}`"),
+        )),
+    }
+}
+
+/// Parses params into `T`; absent params count as `{}`. The error names the field.
+pub fn parse<T: DeserializeOwned>(params: Option<&RawValue>) -> Result<T, RpcError> {
+    let text = params.map_or("{}", RawValue::get);
+    serde_json::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        // serde's messages carry " at line 1 column N", which means nothing to a caller.
+        let msg = msg.split(" at line ").next().unwrap_or(&msg);
+        RpcError::invalid_params(format!("invalid params: {msg}"))
+    })
+}
+
+/// Serializes a result.
+pub fn ok<T: Serialize>(value: &T) -> Reply {
+    serde_json::value::to_raw_value(value)
+        .map_err(|e| RpcError::internal(format!("cannot encode result: {e}")))
+}

@@ -1,0 +1,19 @@
+//! `token` and `refresh`: a valid token with the provider's auth headers.
+
+use super::{ok, parse, Ctx, Reply};
+use llmd_proto::methods::{ProfileParams, TokenParams};
+use serde_json::value::RawValue;
+
+/// A token valid for `min_valid_secs` (default 0), refreshing first only when needed.
+pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
+    let p: TokenParams = parse(params)?;
+    let profile = ctx.daemon.profile(&p.profile)?;
+    ok(&profile.token(p.min_valid_secs.unwrap_or(0), false).await?)
+}
+
+/// Forces a refresh (joining one already running) and returns the new token.
+pub async fn refresh(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
+    let p: ProfileParams = parse(params)?;
+    let profile = ctx.daemon.profile(&p.profile)?;
+    ok(&profile.token(0, true).await?)
+}

@@ -1,0 +1,214 @@
+//! A configured profile: its settings plus the credential behind it.
+
+use crate::config::{self, AuthKind, ProfileConfig, Provider};
+use crate::credentials::claude_lock::ClaudeLocks;
+use crate::credentials::{
+    self, api_key, bundle::BundleFile, claude_cli::CredentialsFile, setup_token, store, Source,
+};
+use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, Upstream};
+use crate::refresh::{LoginHandle, LoginSpec};
+use crate::secret::Secret;
+use llmd_proto::methods::{Event, ProfileState, ProfileStatus, TokenResult};
+use llmd_proto::{ErrorKind, RpcError};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Longest wait for Claude Code's refresh lock.
+const CLAUDE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// What stands behind a profile.
+#[derive(Debug)]
+pub enum Credential {
+    /// A key or setup-token read at load time (or why there is none).
+    Static(Result<Secret, String>),
+    /// An OAuth login with its refresh task.
+    Login(LoginHandle),
+}
+
+/// One configured profile.
+#[derive(Debug)]
+pub struct Profile {
+    /// Name clients use.
+    pub name: String,
+    /// Its config.
+    pub config: ProfileConfig,
+    /// Its credential.
+    pub credential: Credential,
+}
+
+/// Shared services a profile needs when it is built.
+pub struct Env<'a> {
+    /// Stored keys and bundles.
+    pub state_dir: &'a Path,
+    /// `[daemon] refresh_margin_secs`.
+    pub margin: Duration,
+    /// `[daemon] refresh_timeout_secs`.
+    pub timeout: Duration,
+    /// HTTP client.
+    pub http: &'a reqwest::Client,
+    /// Event bus.
+    pub events: &'a broadcast::Sender<Event>,
+}
+
+impl Profile {
+    /// Builds a profile, starting its login task when it has one.
+    pub fn build(name: &str, cfg: &ProfileConfig, env: &Env<'_>) -> Profile {
+        let credential = match cfg.auth {
+            AuthKind::ApiKey => Credential::Static(api_key::load(name, cfg, env.state_dir)),
+            AuthKind::SetupToken => Credential::Static(load_setup_token(name, cfg, env.state_dir)),
+            AuthKind::Oauth | AuthKind::ClaudeCli => {
+                let (source, locks) = login_source(name, cfg, env.state_dir);
+                let bundle_region = match &source {
+                    Source::Bundle(b) => b.read_object().ok().flatten().and_then(|(_, o)| {
+                        o.get("region").and_then(|r| r.as_str()).map(str::to_owned)
+                    }),
+                    Source::ClaudeCli(_) => None,
+                };
+                let upstream = match cfg.provider {
+                    Provider::Minimax => {
+                        Upstream::Minimax(MinimaxOAuth::from_profile(cfg, bundle_region.as_deref()))
+                    }
+                    _ => Upstream::Anthropic(AnthropicOAuth::from_profile(cfg)),
+                };
+                Credential::Login(LoginHandle::spawn(LoginSpec {
+                    profile: name.to_owned(),
+                    source,
+                    upstream,
+                    locks,
+                    margin: env.margin,
+                    timeout: env.timeout,
+                    http: env.http.clone(),
+                    events: env.events.clone(),
+                }))
+            }
+        };
+        Profile {
+            name: name.to_owned(),
+            config: cfg.clone(),
+            credential,
+        }
+    }
+
+    /// A token valid for `min_valid` seconds, with the headers the provider needs.
+    pub async fn token(&self, min_valid: u64, force: bool) -> Result<TokenResult, RpcError> {
+        let (token, expires_at) = match &self.credential {
+            Credential::Static(Ok(k)) => (k.clone(), None),
+            Credential::Static(Err(why)) => {
+                return Err(RpcError::new(
+                    ErrorKind::NeedsLogin,
+                    format!("profile `{}`: {why}", self.name),
+                )
+                .with("profile", self.name.as_str()))
+            }
+            Credential::Login(h) => h.token(min_valid, force).await?,
+        };
+        Ok(TokenResult {
+            profile: self.name.clone(),
+            kind: self.config.auth.as_str().to_owned(),
+            headers: self.headers(token.expose()),
+            token: token.expose().to_owned(),
+            expires_at,
+        })
+    }
+
+    /// Headers for a request with `token`.
+    pub fn headers(&self, token: &str) -> BTreeMap<String, String> {
+        credentials::auth_headers(
+            self.config.provider,
+            self.config.auth,
+            token,
+            self.config.group_id.as_deref(),
+            &self.config.extra_headers,
+        )
+    }
+
+    /// The profile's line in `status`.
+    pub fn status(&self) -> ProfileStatus {
+        let mut s = ProfileStatus {
+            name: self.name.clone(),
+            provider: self.config.provider.as_str().into(),
+            auth: self.config.auth.as_str().into(),
+            state: ProfileState::Ok,
+            expires_at: None,
+            last_refresh_at: None,
+            refresh_count: 0,
+            last_error: None,
+        };
+        match &self.credential {
+            Credential::Static(Ok(_)) => {}
+            Credential::Static(Err(e)) => {
+                s.state = ProfileState::Missing;
+                s.last_error = Some(e.clone());
+            }
+            Credential::Login(h) => {
+                let snap = h.snapshot();
+                s.state = snap.state;
+                s.expires_at = snap.expires_at;
+                s.last_refresh_at = snap.last_refresh_at;
+                s.refresh_count = snap.refresh_count;
+                s.last_error = snap.last_error.clone();
+            }
+        }
+        s
+    }
+
+    /// The login task, for OAuth profiles.
+    pub fn login(&self) -> Option<&LoginHandle> {
+        match &self.credential {
+            Credential::Login(h) => Some(h),
+            Credential::Static(_) => None,
+        }
+    }
+
+    /// The file of an OAuth login.
+    pub fn login_source(&self, state_dir: &Path) -> Option<Source> {
+        self.config
+            .auth
+            .is_login()
+            .then(|| login_source(&self.name, &self.config, state_dir).0)
+    }
+}
+
+fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result<Secret, String> {
+    if let Some(t) = store::read(state_dir, name, store::Kind::SetupToken)? {
+        return setup_token::validate(t.expose());
+    }
+    if let Some(path) = &cfg.api_key_file {
+        return setup_token::validate(api_key::read_key_file(path)?.expose());
+    }
+    let var = cfg
+        .api_key_env
+        .as_deref()
+        .unwrap_or("CLAUDE_CODE_OAUTH_TOKEN");
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => setup_token::validate(&v),
+        _ => Err(format!("no setup-token: set {var} or run `llmctl set-key {name}` with the output of `claude setup-token`")),
+    }
+}
+
+/// Where an OAuth profile's tokens live, and the locks that guard them.
+fn login_source(
+    name: &str,
+    cfg: &ProfileConfig,
+    state_dir: &Path,
+) -> (Source, Option<ClaudeLocks>) {
+    match cfg.auth {
+        AuthKind::ClaudeCli => {
+            let dir = config::claude_dir(cfg);
+            let locks = ClaudeLocks::for_dir(&dir, CLAUDE_LOCK_WAIT);
+            (
+                Source::ClaudeCli(CredentialsFile::in_dir(&dir)),
+                Some(locks),
+            )
+        }
+        _ => {
+            let path = cfg
+                .bundle
+                .clone()
+                .unwrap_or_else(|| state_dir.join("oauth").join(format!("{name}.json")));
+            (Source::Bundle(BundleFile { path }), None)
+        }
+    }
+}

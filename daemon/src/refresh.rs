@@ -1,0 +1,549 @@
+//! The refresh engine: one task per OAuth login owns its tokens and is the only code that
+//! calls the token endpoint for it.
+//!
+//! Readers look at a `watch` snapshot and never wait while the token is valid for what
+//! they need. Everything else (a token that is too old, a forced refresh, a changed file,
+//! the proactive timer) goes through the login's command queue, which the task handles one
+//! at a time, so at most one upstream refresh per login is ever in flight and callers who
+//! queued behind a refresh are answered from its result instead of starting another.
+
+use crate::credentials::claude_lock::ClaudeLocks;
+use crate::credentials::{unix_now, CasOutcome, Source, Tokens};
+use crate::oauth::{RefreshError, Upstream};
+use crate::secret::Secret;
+use llmd_proto::methods::{event_kinds, Event, ProfileState};
+use llmd_proto::{ErrorKind, RpcError};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// First retry delay after a transient failure; doubles up to [`BACKOFF_CAP`].
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest delay between retries.
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// What readers see of a login.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Current access token.
+    pub token: Option<Secret>,
+    /// Its expiry, unix seconds.
+    pub expires_at: Option<i64>,
+    /// State for `status`.
+    pub state: ProfileState,
+    /// Last successful refresh by this daemon, unix seconds.
+    pub last_refresh_at: Option<i64>,
+    /// Successful refreshes by this daemon.
+    pub refresh_count: u64,
+    /// Last error, free of secrets.
+    pub last_error: Option<String>,
+}
+
+impl Snapshot {
+    /// The token if it is valid for at least `min_valid` more seconds.
+    pub fn valid_token(&self, min_valid: u64) -> Option<(&Secret, Option<i64>)> {
+        if matches!(self.state, ProfileState::NeedsLogin | ProfileState::Missing) {
+            return None;
+        }
+        let token = self.token.as_ref()?;
+        match self.expires_at {
+            Some(exp) if exp - unix_now() < min_valid as i64 => None,
+            _ => Some((token, self.expires_at)),
+        }
+    }
+}
+
+/// A request to the login task.
+#[derive(Debug)]
+pub enum Command {
+    /// A caller needs a token valid for `min_valid` seconds (after a refresh if `force`).
+    Get {
+        /// Seconds the token must stay valid.
+        min_valid: u64,
+        /// Refresh even if the token is still good.
+        force: bool,
+        /// When the caller asked; a refresh that ended later satisfies it.
+        asked: Instant,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(Secret, Option<i64>), RpcError>>,
+    },
+    /// The login's file changed (or a reload asked for a re-read).
+    SourceChanged,
+}
+
+/// Everything a login task needs.
+pub struct LoginSpec {
+    /// Profile name (for events, logs and errors).
+    pub profile: String,
+    /// Where the tokens live.
+    pub source: Source,
+    /// Who refreshes them.
+    pub upstream: Upstream,
+    /// Claude Code's locks, for `claude-cli` logins.
+    pub locks: Option<ClaudeLocks>,
+    /// Refresh this long before expiry.
+    pub margin: Duration,
+    /// Upper bound of one upstream call.
+    pub timeout: Duration,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    /// Event bus.
+    pub events: broadcast::Sender<Event>,
+}
+
+/// The handle the rest of the daemon holds; dropping every handle stops the task.
+#[derive(Clone, Debug)]
+pub struct LoginHandle {
+    snapshot: watch::Receiver<Snapshot>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl LoginHandle {
+    /// Starts the task for a login, after reading its file once.
+    pub fn spawn(spec: LoginSpec) -> Self {
+        let initial = spec.source.read();
+        let (tx, rx) = watch::channel(Snapshot {
+            token: None,
+            expires_at: None,
+            state: ProfileState::Missing,
+            last_refresh_at: None,
+            refresh_count: 0,
+            last_error: None,
+        });
+        let (ctx, crx) = mpsc::unbounded_channel();
+        let mut task = LoginTask {
+            spec,
+            tokens: None,
+            dead: false,
+            refreshing: false,
+            refresh_at: None,
+            retry_at: None,
+            failures: 0,
+            last_attempt_end: None,
+            last_attempt_ok: true,
+            last_refresh_at: None,
+            refresh_count: 0,
+            last_error: None,
+            snapshot: tx,
+            commands: crx,
+            published_state: None,
+        };
+        match initial {
+            Ok(Some(t)) => task.adopt(t, false),
+            Ok(None) => {
+                task.last_error = Some(format!(
+                    "no login found at {}",
+                    task.spec.source.path().display()
+                ))
+            }
+            Err(e) => task.last_error = Some(e),
+        }
+        task.publish();
+        tokio::spawn(task.run());
+        LoginHandle {
+            snapshot: rx,
+            commands: ctx,
+        }
+    }
+
+    /// The current snapshot (never waits).
+    pub fn snapshot(&self) -> watch::Ref<'_, Snapshot> {
+        self.snapshot.borrow()
+    }
+
+    /// A token valid for `min_valid` seconds: from the snapshot when it is, else from the
+    /// login task (joining any refresh in flight).
+    pub async fn token(
+        &self,
+        min_valid: u64,
+        force: bool,
+    ) -> Result<(Secret, Option<i64>), RpcError> {
+        if !force {
+            if let Some((t, e)) = self.snapshot.borrow().valid_token(min_valid) {
+                return Ok((t.clone(), e));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Get {
+            min_valid,
+            force,
+            asked: Instant::now(),
+            reply,
+        };
+        self.commands
+            .send(cmd)
+            .map_err(|_| RpcError::internal("login task stopped"))?;
+        rx.await
+            .map_err(|_| RpcError::internal("login task stopped"))?
+    }
+
+    /// Tells the task its file changed.
+    pub fn source_changed(&self) {
+        let _ = self.commands.send(Command::SourceChanged);
+    }
+
+    /// A sender for the file watcher.
+    pub fn command_sender(&self) -> mpsc::UnboundedSender<Command> {
+        self.commands.clone()
+    }
+}
+
+struct LoginTask {
+    spec: LoginSpec,
+    tokens: Option<Tokens>,
+    /// The refresh token is known dead: no upstream calls until the tokens change.
+    dead: bool,
+    refreshing: bool,
+    /// When the proactive refresh is due.
+    refresh_at: Option<Instant>,
+    /// When the next retry after a transient failure is due.
+    retry_at: Option<Instant>,
+    failures: u32,
+    last_attempt_end: Option<Instant>,
+    last_attempt_ok: bool,
+    last_refresh_at: Option<i64>,
+    refresh_count: u64,
+    last_error: Option<String>,
+    snapshot: watch::Sender<Snapshot>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    published_state: Option<(ProfileState, Option<String>)>,
+}
+
+impl LoginTask {
+    async fn run(mut self) {
+        loop {
+            let wake = if self.dead || self.tokens.is_none() {
+                None
+            } else {
+                self.retry_at.or(self.refresh_at)
+            };
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Get { min_valid, force, asked, reply }) => {
+                        let answer = self.get(min_valid, force, asked).await;
+                        let _ = reply.send(answer);
+                    }
+                    Some(Command::SourceChanged) => self.reread().await,
+                    None => break,
+                },
+                _ = sleep_until(wake) => {
+                    tracing::debug!(profile = %self.spec.profile, "proactive refresh");
+                    self.refresh().await;
+                }
+                _ = self.snapshot.closed() => break,
+            }
+        }
+        tracing::debug!(profile = %self.spec.profile, "login task stopped");
+    }
+
+    fn current(&self, min_valid: u64) -> Option<(Secret, Option<i64>)> {
+        let t = self.tokens.as_ref()?;
+        if self.dead {
+            return None;
+        }
+        match t.expires_at {
+            Some(e) if e - unix_now() < min_valid as i64 => None,
+            _ => Some((t.access.clone(), t.expires_at)),
+        }
+    }
+
+    async fn get(
+        &mut self,
+        min_valid: u64,
+        force: bool,
+        asked: Instant,
+    ) -> Result<(Secret, Option<i64>), RpcError> {
+        if self.dead {
+            // The user or Claude Code may have logged in again since.
+            self.reread().await;
+            if self.dead {
+                return Err(self.needs_login_error());
+            }
+        }
+        if !force {
+            if let Some(t) = self.current(min_valid) {
+                return Ok(t);
+            }
+        }
+        let joined = self.last_attempt_end.is_some_and(|end| end >= asked);
+        let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
+        if !joined && !(backing_off && !force) {
+            self.refresh().await;
+        }
+        if self.dead {
+            return Err(self.needs_login_error());
+        }
+        if force && !self.last_attempt_ok {
+            return Err(self.refresh_failed_error());
+        }
+        self.current(0).ok_or_else(|| {
+            if self.tokens.is_none() {
+                RpcError::new(
+                    ErrorKind::NeedsLogin,
+                    format!(
+                        "no login for profile `{}`: run `llmctl login {}`",
+                        self.spec.profile, self.spec.profile
+                    ),
+                )
+            } else {
+                self.refresh_failed_error()
+            }
+        })
+    }
+
+    fn needs_login_error(&self) -> RpcError {
+        let p = &self.spec.profile;
+        RpcError::new(
+            ErrorKind::NeedsLogin,
+            format!(
+                "the login of profile `{p}` has expired or was revoked: run `llmctl login {p}`"
+            ),
+        )
+        .with("profile", p.as_str())
+    }
+
+    fn refresh_failed_error(&self) -> RpcError {
+        let retry_ms = self
+            .retry_at
+            .map(|r| r.saturating_duration_since(Instant::now()).as_millis() as u64)
+            .unwrap_or(1000)
+            .max(1);
+        RpcError::new(
+            ErrorKind::RefreshFailed,
+            format!(
+                "refreshing profile `{}` failed: {}",
+                self.spec.profile,
+                self.last_error.as_deref().unwrap_or("unknown error")
+            ),
+        )
+        .with("retry_after_ms", retry_ms)
+    }
+
+    /// Re-reads the file and adopts what it holds when it differs.
+    async fn reread(&mut self) {
+        match self.spec.source.read_settled().await {
+            Ok(Some(t)) => {
+                if self.tokens.as_ref() != Some(&t) {
+                    tracing::info!(profile = %self.spec.profile, "adopted tokens written by another program");
+                    self.adopt(t, false);
+                    self.publish();
+                }
+            }
+            Ok(None) => {
+                if self.tokens.take().is_some() {
+                    tracing::warn!(profile = %self.spec.profile, "login file removed");
+                    self.last_error = Some(format!(
+                        "no login found at {}",
+                        self.spec.source.path().display()
+                    ));
+                    self.publish();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(profile = %self.spec.profile, error = %e, "cannot read login file; keeping current tokens");
+            }
+        }
+    }
+
+    /// Takes `t` as the current tokens and schedules the next proactive refresh.
+    fn adopt(&mut self, t: Tokens, refreshed: bool) {
+        let rotated = self.tokens.as_ref().map(|c| &c.access) != Some(&t.access);
+        self.dead = false;
+        self.retry_at = None;
+        self.failures = 0;
+        self.refresh_at = t.expires_at.map(|exp| {
+            let remaining = (exp - unix_now()).max(0) as u64;
+            // Refresh `margin` ahead, but never earlier than half-way through the token's
+            // remaining life, so short-lived tokens do not cause a refresh storm.
+            let lead = self.spec.margin.as_secs().min(remaining / 2);
+            let jitter_range = (lead / 10).min(30) * 1000;
+            let jitter = if jitter_range > 0 {
+                rand::random::<u64>() % jitter_range
+            } else {
+                0
+            };
+            let at = Instant::now()
+                + Duration::from_millis((remaining - lead) * 1000)
+                    .saturating_sub(Duration::from_millis(jitter));
+            // A server that hands out already-expired tokens must not make us spin.
+            if refreshed {
+                at.max(Instant::now() + Duration::from_secs(1))
+            } else {
+                at
+            }
+        });
+        if refreshed {
+            self.refresh_count += 1;
+            self.last_refresh_at = Some(unix_now());
+            self.last_error = None;
+        } else if !self.refreshing {
+            self.last_error = None;
+        }
+        let expires_at = t.expires_at;
+        self.tokens = Some(t);
+        if rotated {
+            let _ = self.spec.events.send(Event {
+                kind: event_kinds::TOKEN_ROTATED.into(),
+                profile: self.spec.profile.clone(),
+                expires_at,
+                state: None,
+                error: None,
+            });
+        }
+    }
+
+    /// One refresh attempt, under Claude Code's locks when the login is shared with it.
+    async fn refresh(&mut self) {
+        if self.dead {
+            return;
+        }
+        self.refreshing = true;
+        self.publish();
+        let outcome = self.refresh_locked().await;
+        self.refreshing = false;
+        self.last_attempt_end = Some(Instant::now());
+        self.last_attempt_ok = outcome.is_ok();
+        match outcome {
+            Ok(()) => {}
+            Err(RefreshError::Dead(why)) => {
+                tracing::warn!(profile = %self.spec.profile, reason = %why, "login is dead; waiting for a new login");
+                self.dead = true;
+                self.last_error = Some(why);
+            }
+            Err(RefreshError::Transient(why)) => {
+                self.failures += 1;
+                let exp = BACKOFF_BASE
+                    .saturating_mul(1 << self.failures.min(10))
+                    .min(BACKOFF_CAP);
+                let jitter =
+                    Duration::from_millis(rand::random::<u64>() % (exp.as_millis() as u64 / 5 + 1));
+                self.retry_at = Some(Instant::now() + exp + jitter);
+                tracing::warn!(profile = %self.spec.profile, reason = %why, retry_in_ms = (exp + jitter).as_millis() as u64, "refresh failed; will retry");
+                self.last_error = Some(why);
+            }
+        }
+        self.publish();
+    }
+
+    async fn refresh_locked(&mut self) -> Result<(), RefreshError> {
+        let _guard = match &self.spec.locks {
+            Some(locks) => Some(locks.acquire().await.map_err(RefreshError::Transient)?),
+            None => None,
+        };
+        // Under the lock, the file is the truth: another program may have refreshed.
+        match self.spec.source.read_settled().await {
+            Ok(Some(on_disk)) if self.tokens.as_ref() != Some(&on_disk) => {
+                let newer = on_disk.refresh != self.tokens.as_ref().and_then(|t| t.refresh.clone());
+                tracing::info!(profile = %self.spec.profile, "login file changed before refresh; adopting it");
+                self.adopt(on_disk, false);
+                if newer && self.current(self.spec.margin.as_secs()).is_some() {
+                    return Ok(());
+                }
+            }
+            Ok(None) if self.tokens.is_none() => {
+                return Err(RefreshError::Dead(format!(
+                    "no login found at {}",
+                    self.spec.source.path().display()
+                )));
+            }
+            _ => {}
+        }
+        let Some(current) = self.tokens.clone() else {
+            return Err(RefreshError::Dead("no login".into()));
+        };
+        let result = tokio::time::timeout(
+            self.spec.timeout,
+            self.spec.upstream.refresh(&self.spec.http, &current),
+        )
+        .await;
+        let new = match result {
+            Ok(Ok(t)) => t,
+            Ok(Err(RefreshError::Dead(why))) => {
+                // Someone may have refreshed with our refresh token meanwhile and written
+                // the result: adopt it instead of giving up.
+                if let Ok(Some(on_disk)) = self.spec.source.read_settled().await {
+                    if on_disk.refresh.is_some() && on_disk.refresh != current.refresh {
+                        tracing::info!(profile = %self.spec.profile, "refresh token was spent by another program; adopting its tokens");
+                        self.adopt(on_disk, false);
+                        return Ok(());
+                    }
+                }
+                return Err(RefreshError::Dead(why));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(RefreshError::Transient(format!(
+                    "token endpoint did not answer within {}s",
+                    self.spec.timeout.as_secs()
+                )))
+            }
+        };
+        // Persist before anyone sees the new token: a crash now must not lose the only
+        // copy of a rotated refresh token.
+        match self.spec.source.write_cas(&new, current.refresh.as_ref()) {
+            Ok(CasOutcome::Written) => {}
+            Ok(CasOutcome::Conflict(on_disk)) => {
+                tracing::warn!(profile = %self.spec.profile, "login file changed during refresh; keeping the file's tokens");
+                self.adopt(on_disk, false);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(profile = %self.spec.profile, error = %e, "cannot persist refreshed tokens; serving them from memory");
+                self.adopt(new, true);
+                self.last_error = Some(e);
+                return Ok(());
+            }
+        }
+        tracing::info!(profile = %self.spec.profile, expires_at = new.expires_at, "refreshed");
+        self.adopt(new, true);
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let now = unix_now();
+        let state = if self.dead {
+            ProfileState::NeedsLogin
+        } else if self.refreshing {
+            ProfileState::Refreshing
+        } else {
+            match &self.tokens {
+                None => ProfileState::Missing,
+                Some(t) if t.expires_at.is_some_and(|e| e <= now) && self.last_error.is_some() => {
+                    ProfileState::Error
+                }
+                Some(_) => ProfileState::Ok,
+            }
+        };
+        let t = self.tokens.as_ref();
+        self.snapshot.send_replace(Snapshot {
+            token: t.map(|t| t.access.clone()),
+            expires_at: t.and_then(|t| t.expires_at),
+            state,
+            last_refresh_at: self.last_refresh_at,
+            refresh_count: self.refresh_count,
+            last_error: self.last_error.clone(),
+        });
+        // `refreshing` is too short-lived to be worth an event.
+        let visible = (state, self.last_error.clone());
+        if state != ProfileState::Refreshing && self.published_state.as_ref() != Some(&visible) {
+            let changed = self.published_state.as_ref().map(|(s, _)| *s) != Some(state);
+            self.published_state = Some(visible);
+            if changed {
+                let _ = self.spec.events.send(Event {
+                    kind: event_kinds::PROFILE_STATE.into(),
+                    profile: self.spec.profile.clone(),
+                    expires_at: None,
+                    state: Some(state),
+                    error: self.last_error.clone(),
+                });
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

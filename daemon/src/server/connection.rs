@@ -1,0 +1,204 @@
+//! One client connection: a reader that decodes lines and starts a task per request, and
+//! a writer that sends whatever those tasks produce, in completion order.
+
+use crate::handlers::{self, Ctx};
+use crate::state::Daemon;
+use interprocess::local_socket::tokio::Stream;
+use llmd_proto::{encode_line, ErrorKind, Id, LineDecoder, Request, Response, RpcError};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Per-connection state shared by the request tasks.
+pub struct Conn {
+    /// Agent name from `hello`.
+    pub agent: Mutex<Option<String>>,
+    out: mpsc::Sender<Vec<u8>>,
+    /// Cancelled when the connection is dropped for good (write error, slow reader).
+    pub gone: CancellationToken,
+    /// Cancelled when no more requests will be read; subscriptions end then.
+    pub closing: CancellationToken,
+    inflight: Mutex<HashMap<Id, AbortHandle>>,
+}
+
+impl Conn {
+    /// Queues a line for the client. A client that lets its queue fill up is disconnected
+    /// rather than allowed to hold memory or slow anyone down.
+    pub fn send(&self, line: Vec<u8>) -> bool {
+        match self.out.try_send(line) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.gone.is_cancelled() {
+                    tracing::warn!("client is not reading its answers; closing the connection");
+                    self.gone.cancel();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Sends a response.
+    pub fn respond(&self, id: Option<&Id>, result: Result<Box<RawValue>, RpcError>) {
+        let line = match &result {
+            Ok(raw) => encode_line(&Response::ok(id, raw)),
+            Err(e) => encode_line(&Response::err(id, e)),
+        };
+        self.send(line);
+    }
+
+    /// Aborts the in-flight request `id`; true if there was one.
+    pub fn cancel(&self, id: &Id) -> bool {
+        let handle = lock(&self.inflight).remove(id);
+        match handle {
+            Some(h) => {
+                h.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn abort_all(&self) {
+        for (_, h) in lock(&self.inflight).drain() {
+            h.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves one connection until the client leaves, misbehaves or the daemon stops.
+pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
+    // `&Stream` reads and writes, so sharing it replaces splitting.
+    let stream = Arc::new(stream);
+    let mut rx: &Stream = &stream;
+    let cfg = daemon.registry().config.daemon.clone();
+    let (out, queue) = mpsc::channel(cfg.max_queued_responses);
+    let conn = Arc::new(Conn {
+        agent: Mutex::new(None),
+        out,
+        gone: CancellationToken::new(),
+        closing: CancellationToken::new(),
+        inflight: Mutex::new(HashMap::new()),
+    });
+    let writer = tokio::spawn(write_loop(stream.clone(), queue, conn.gone.clone()));
+    let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
+    let mut decoder = LineDecoder::new(cfg.max_frame_bytes);
+    'read: loop {
+        loop {
+            match decoder.decode() {
+                Ok(Some(line)) => dispatch(&daemon, &conn, line),
+                Ok(None) => break,
+                Err(too_large) => {
+                    let e = RpcError::new(
+                        ErrorKind::FrameTooLarge,
+                        format!("{too_large}; closing the connection"),
+                    )
+                    .with("max_frame_bytes", too_large.max as u64);
+                    conn.respond(None, Err(e));
+                    conn.abort_all();
+                    break 'read;
+                }
+            }
+        }
+        let partial = decoder.has_partial_line();
+        let read = rx.read_buf(decoder.buffer());
+        let n = tokio::select! {
+            r = read => r,
+            _ = tokio::time::sleep(idle), if partial => {
+                tracing::debug!("closing connection idle mid-line");
+                conn.abort_all();
+                break 'read;
+            }
+            _ = conn.gone.cancelled() => { conn.abort_all(); break 'read; }
+            _ = daemon.shutdown.cancelled() => break 'read,
+        };
+        match n {
+            Ok(0) | Err(_) => break 'read,
+            Ok(_) => {}
+        }
+    }
+    conn.closing.cancel();
+    drop(conn);
+    let _ = writer.await;
+}
+
+fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8]) {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    let req = match Request::parse(line) {
+        Ok(r) => r,
+        Err((id, e)) => {
+            conn.respond(id.as_ref(), Err(e));
+            return;
+        }
+    };
+    if req.method == llmd_proto::methods::names::CANCEL {
+        let result = handlers::cancel::handle(conn, req.params.as_deref());
+        if req.id.is_some() {
+            conn.respond(req.id.as_ref(), result);
+        }
+        return;
+    }
+    let ctx = Ctx {
+        daemon: daemon.clone(),
+        conn: conn.clone(),
+    };
+    let mut inflight = lock(&conn.inflight);
+    let id = req.id.clone();
+    let task = tokio::spawn(async move {
+        let result =
+            handlers::dispatch(&ctx, req.id.as_ref(), &req.method, req.params.as_deref()).await;
+        if let Some(id) = &req.id {
+            lock(&ctx.conn.inflight).remove(id);
+            ctx.conn.respond(Some(id), result);
+        }
+    });
+    if let Some(id) = id {
+        inflight.insert(id, task.abort_handle());
+    }
+}
+
+async fn write_loop(
+    stream: Arc<Stream>,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    gone: CancellationToken,
+) {
+    let mut tx: &Stream = &stream;
+    let mut batch = Vec::with_capacity(16 * 1024);
+    loop {
+        let first = tokio::select! {
+            m = queue.recv() => m,
+            _ = gone.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        batch.clear();
+        batch.extend_from_slice(&first);
+        // Coalesce whatever else is ready into one write.
+        while batch.len() < 64 * 1024 {
+            match queue.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        let write = tx.write_all(&batch);
+        let ok = tokio::select! {
+            r = write => r.is_ok(),
+            _ = gone.cancelled() => false,
+        };
+        if !ok {
+            gone.cancel();
+            break;
+        }
+    }
+    let _ = tx.shutdown().await;
+}

@@ -1,0 +1,85 @@
+//! Binding the socket safely: a private folder, a 0600 socket, no second daemon, and
+//! stale socket files reclaimed.
+
+use crate::fsutil;
+use interprocess::local_socket::tokio::Listener;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+/// Binds `path`. Errors are complete sentences for the user.
+pub fn bind(path: &Path) -> Result<Listener, String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| format!("socket path {} has no folder", path.display()))?;
+    fsutil::ensure_private_dir(dir).map_err(|e| format!("refusing to use socket folder: {e}"))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(live) => {
+                let pid = peer_pid(&live)
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "another llmd{pid} is already serving on {}; stop it first or pass --socket",
+                    path.display()
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %path.display(), "removing stale socket file");
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot check existing socket {}: {e}",
+                    path.display()
+                ))
+            }
+        },
+        Ok(_) => {
+            return Err(format!(
+                "{} exists and is not a socket; move it away or choose another path",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
+    }
+    let name = path
+        .to_fs_name::<GenericFilePath>()
+        .map_err(|e| format!("bad socket path {}: {e}", path.display()))?;
+    let listener = ListenerOptions::new()
+        .name(name)
+        .mode(0o600)
+        .create_tokio()
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // The folder is private already; this only makes the socket's own mode exact.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot set mode of {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid fd, a correctly sized out-buffer and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+}

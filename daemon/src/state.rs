@@ -1,0 +1,180 @@
+//! The daemon's shared state: the current config and profiles (swapped whole on reload),
+//! the event bus, and counters for `status`.
+
+use crate::config::{self, Config, ConfigSource};
+use crate::oauth::anthropic::PendingLogin;
+use crate::profile::{Env, Profile};
+use crate::watch::Watcher;
+use llmd_proto::methods::Event;
+use llmd_proto::RpcError;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// One consistent generation of config and profiles.
+#[derive(Debug)]
+pub struct Registry {
+    /// The parsed config.
+    pub config: Config,
+    /// Where it came from.
+    pub source: ConfigSource,
+    /// Resolved state folder.
+    pub state_dir: PathBuf,
+    /// Profiles by name.
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+}
+
+/// Everything the request handlers share.
+pub struct Daemon {
+    /// Start time, for `uptime_secs`.
+    pub started: Instant,
+    /// Open client connections.
+    pub connections: AtomicU64,
+    /// `token.rotated` / `profile.state` events.
+    pub events: broadcast::Sender<Event>,
+    /// HTTP client for token endpoints and providers.
+    pub http: reqwest::Client,
+    /// Cancelled on SIGTERM/SIGINT.
+    pub shutdown: CancellationToken,
+    /// Logins between `login.start` and `login.finish`, by profile.
+    pub pending_logins: Mutex<HashMap<String, PendingLogin>>,
+    config_path: PathBuf,
+    config_explicit: bool,
+    registry: RwLock<Arc<Registry>>,
+    watcher: Watcher,
+}
+
+impl Daemon {
+    /// Builds the daemon from a loaded config.
+    pub fn new(
+        config: Config,
+        source: ConfigSource,
+        config_path: PathBuf,
+        config_explicit: bool,
+    ) -> Arc<Daemon> {
+        let (events, _) = broadcast::channel(256);
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("llmd/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        let state_dir = config::state_dir(&config.daemon);
+        let empty = Registry {
+            config: Config::default(),
+            source: source.clone(),
+            state_dir: state_dir.clone(),
+            profiles: BTreeMap::new(),
+        };
+        let daemon = Arc::new(Daemon {
+            started: Instant::now(),
+            connections: AtomicU64::new(0),
+            events,
+            http,
+            shutdown: CancellationToken::new(),
+            pending_logins: Mutex::new(HashMap::new()),
+            config_path,
+            config_explicit,
+            registry: RwLock::new(Arc::new(empty)),
+            watcher: Watcher::spawn(),
+        });
+        daemon.install(config, source, &BTreeMap::new());
+        daemon
+    }
+
+    /// The current generation.
+    pub fn registry(&self) -> Arc<Registry> {
+        match self.registry.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A profile by name, or `unknown_profile`.
+    pub fn profile(&self, name: &str) -> Result<Arc<Profile>, RpcError> {
+        self.registry()
+            .profiles
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RpcError::unknown_profile(name))
+    }
+
+    /// Reads the config file again. On error the running config stays and the message
+    /// says why.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        let (config, source) =
+            config::load(&self.config_path, self.config_explicit).map_err(|e| e.0)?;
+        let old = self.registry();
+        let names = self.install(config, source, &old.profiles);
+        tracing::info!(profiles = ?names, "configuration reloaded");
+        Ok(names)
+    }
+
+    /// Rebuilds one profile from the current config (after its stored credential changed).
+    pub fn rebuild_profile(&self, name: &str) {
+        let reg = self.registry();
+        let mut keep = reg.profiles.clone();
+        keep.remove(name);
+        self.install(reg.config.clone(), reg.source.clone(), &keep);
+    }
+
+    /// Makes `config` current, reusing login tasks whose settings did not change (they
+    /// re-read their files instead), and points the file watcher at the new set.
+    fn install(
+        &self,
+        config: Config,
+        source: ConfigSource,
+        reuse: &BTreeMap<String, Arc<Profile>>,
+    ) -> Vec<String> {
+        let state_dir = config::state_dir(&config.daemon);
+        let env = Env {
+            state_dir: &state_dir,
+            margin: Duration::from_secs(config.daemon.refresh_margin_secs),
+            timeout: Duration::from_secs(config.daemon.refresh_timeout_secs),
+            http: &self.http,
+            events: &self.events,
+        };
+        let same_daemon = self.registry().config.daemon == config.daemon;
+        let mut profiles = BTreeMap::new();
+        for (name, cfg) in &config.profiles {
+            let reused = reuse
+                .get(name)
+                .filter(|p| same_daemon && p.config == *cfg && p.login().is_some());
+            let profile = match reused {
+                Some(p) => {
+                    if let Some(h) = p.login() {
+                        h.source_changed();
+                    }
+                    p.clone()
+                }
+                None => Arc::new(Profile::build(name, cfg, &env)),
+            };
+            profiles.insert(name.clone(), profile);
+        }
+        let targets = profiles
+            .values()
+            .filter_map(|p| {
+                Some((
+                    p.login_source(&state_dir)?.path(),
+                    p.login()?.command_sender(),
+                ))
+            })
+            .collect();
+        self.watcher.set_targets(targets);
+        let names = profiles.keys().cloned().collect();
+        let reg = Arc::new(Registry {
+            config,
+            source,
+            state_dir,
+            profiles,
+        });
+        match self.registry.write() {
+            Ok(mut w) => *w = reg,
+            Err(poisoned) => *poisoned.into_inner() = reg,
+        }
+        names
+    }
+}

@@ -1,0 +1,211 @@
+//! JSON-RPC 2.0 envelopes.
+
+use crate::error::{ErrorKind, RpcError};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// A request id: a number or a string (JSON-RPC 2.0 allows both).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Id {
+    /// Numeric id.
+    Num(i64),
+    /// String id.
+    Str(String),
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Num(n) => write!(f, "{n}"),
+            Id::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// The literal `"2.0"`; anything else fails to deserialize.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct V2;
+
+impl Serialize for V2 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("2.0")
+    }
+}
+
+impl<'de> Deserialize<'de> for V2 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s == "2.0" {
+            Ok(V2)
+        } else {
+            Err(de::Error::custom("`jsonrpc` must be \"2.0\""))
+        }
+    }
+}
+
+/// A request as sent by a client. `id` absent means a notification (no answer).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    /// Always `"2.0"`.
+    pub jsonrpc: V2,
+    /// Request id; responses echo it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+    /// Method name.
+    pub method: String,
+    /// Method params, kept raw so each handler parses its own shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Box<RawValue>>,
+}
+
+impl Request {
+    /// Parses one line. The error is ready to send back: `parse_error` for bytes that are
+    /// not JSON, `invalid_request` for JSON that is not a request (with the id if one
+    /// could be read).
+    pub fn parse(line: &[u8]) -> Result<Request, (Option<Id>, RpcError)> {
+        match serde_json::from_slice::<Request>(line) {
+            Ok(req) => Ok(req),
+            Err(e) => match e.classify() {
+                serde_json::error::Category::Data => {
+                    #[derive(Deserialize)]
+                    struct IdOnly {
+                        id: Option<Id>,
+                    }
+                    let id = serde_json::from_slice::<IdOnly>(line)
+                        .ok()
+                        .and_then(|x| x.id);
+                    Err((
+                        id,
+                        RpcError::new(
+                            ErrorKind::InvalidRequest,
+                            format!("not a JSON-RPC 2.0 request: {e}"),
+                        ),
+                    ))
+                }
+                _ => Err((
+                    None,
+                    RpcError::new(ErrorKind::ParseError, format!("invalid JSON: {e}")),
+                )),
+            },
+        }
+    }
+}
+
+/// A response: exactly one of `result` and `error` is set.
+#[derive(Debug, Serialize)]
+pub struct Response<'a> {
+    /// Always `"2.0"`.
+    pub jsonrpc: V2,
+    /// The request's id (null when it could not be read).
+    pub id: Option<&'a Id>,
+    /// Success value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<&'a RawValue>,
+    /// Failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a RpcError>,
+}
+
+impl<'a> Response<'a> {
+    /// A success response.
+    pub fn ok(id: Option<&'a Id>, result: &'a RawValue) -> Self {
+        Response {
+            jsonrpc: V2,
+            id,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// An error response.
+    pub fn err(id: Option<&'a Id>, error: &'a RpcError) -> Self {
+        Response {
+            jsonrpc: V2,
+            id,
+            result: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// A server-to-client notification (`event`, `chat.delta`).
+#[derive(Debug, Serialize)]
+pub struct Notification<'a, T: Serialize> {
+    /// Always `"2.0"`.
+    pub jsonrpc: V2,
+    /// Notification name.
+    pub method: &'a str,
+    /// Payload.
+    pub params: &'a T,
+}
+
+impl<'a, T: Serialize> Notification<'a, T> {
+    /// A notification of `method` carrying `params`.
+    pub fn new(method: &'a str, params: &'a T) -> Self {
+        Notification {
+            jsonrpc: V2,
+            method,
+            params,
+        }
+    }
+}
+
+/// Any line a client receives: a response (`id` plus `result` or `error`) or a
+/// notification (`method` plus `params`).
+#[derive(Debug, Deserialize)]
+pub struct Incoming {
+    /// Response id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Notification method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Notification params.
+    #[serde(default)]
+    pub params: Option<Box<RawValue>>,
+    /// Response result.
+    #[serde(default)]
+    pub result: Option<Box<RawValue>>,
+    /// Response error.
+    #[serde(default)]
+    pub error: Option<RpcError>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_distinguishes_garbage_from_bad_shape() {
+        let (id, e) = Request::parse(b"{nope").unwrap_err();
+        assert!(id.is_none());
+        assert_eq!(e.kind(), ErrorKind::ParseError);
+        let (id, e) = Request::parse(br#"{"jsonrpc":"1.0","id":7,"method":"x"}"#).unwrap_err();
+        assert_eq!(id, Some(Id::Num(7)));
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest);
+        let (_, e) = Request::parse(br#"[1,2]"#).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest);
+        let req =
+            Request::parse(br#"{"jsonrpc":"2.0","id":"a","method":"hello","params":{"x":1}}"#)
+                .unwrap();
+        assert_eq!(req.id, Some(Id::Str("a".into())));
+        assert_eq!(req.params.unwrap().get(), r#"{"x":1}"#);
+    }
+
+    #[test]
+    fn response_shapes() {
+        let raw = RawValue::from_string("{\"a\":1}".into()).unwrap();
+        let id = Id::Num(3);
+        let s = serde_json::to_string(&Response::ok(Some(&id), &raw)).unwrap();
+        assert_eq!(s, r#"{"jsonrpc":"2.0","id":3,"result":{"a":1}}"#);
+        let e = RpcError::new(ErrorKind::Busy, "full");
+        let s = serde_json::to_string(&Response::err(None, &e)).unwrap();
+        assert_eq!(
+            s,
+            r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32006,"message":"full","data":{"kind":"busy"}}}"#
+        );
+    }
+}

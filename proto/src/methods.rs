@@ -1,0 +1,311 @@
+//! Typed params and results of each method in DESIGN.md.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Method names.
+pub mod names {
+    /// `hello`
+    pub const HELLO: &str = "hello";
+    /// `status`
+    pub const STATUS: &str = "status";
+    /// `token`
+    pub const TOKEN: &str = "token";
+    /// `refresh`
+    pub const REFRESH: &str = "refresh";
+    /// `reload`
+    pub const RELOAD: &str = "reload";
+    /// `cancel`
+    pub const CANCEL: &str = "cancel";
+    /// `subscribe`
+    pub const SUBSCRIBE: &str = "subscribe";
+    /// `credentials.set`
+    pub const CREDENTIALS_SET: &str = "credentials.set";
+    /// `login.start`
+    pub const LOGIN_START: &str = "login.start";
+    /// `login.finish`
+    pub const LOGIN_FINISH: &str = "login.finish";
+    /// Notification carrying an [`super::Event`].
+    pub const EVENT: &str = "event";
+}
+
+/// `hello` params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloParams {
+    /// Agent name, shown in logs and status.
+    pub client: String,
+    /// Agent version.
+    pub version: String,
+}
+
+/// `hello` result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloResult {
+    /// Always `llmd`.
+    pub server: String,
+    /// Daemon version.
+    pub version: String,
+    /// Protocol version.
+    pub protocol: u32,
+}
+
+/// State of one profile's credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileState {
+    /// A usable credential is held.
+    Ok,
+    /// A refresh is running.
+    Refreshing,
+    /// The login is dead; `llmctl login <profile>` is needed.
+    NeedsLogin,
+    /// The last attempt failed and no valid token is left.
+    Error,
+    /// No credential is configured or found.
+    Missing,
+}
+
+impl fmt::Display for ProfileState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProfileState::Ok => "ok",
+            ProfileState::Refreshing => "refreshing",
+            ProfileState::NeedsLogin => "needs_login",
+            ProfileState::Error => "error",
+            ProfileState::Missing => "missing",
+        })
+    }
+}
+
+/// One entry of `status.profiles`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileStatus {
+    /// Profile name.
+    pub name: String,
+    /// `anthropic`, `openai-compat`, `gemini` or `minimax`.
+    pub provider: String,
+    /// `api-key`, `setup-token`, `oauth` or `claude-cli`.
+    pub auth: String,
+    /// Credential state.
+    pub state: ProfileState,
+    /// Unix seconds; null for keys that do not expire.
+    pub expires_at: Option<i64>,
+    /// Unix seconds of the last successful refresh by this daemon.
+    pub last_refresh_at: Option<i64>,
+    /// Successful refreshes by this daemon since it started.
+    pub refresh_count: u64,
+    /// Last error, free of secrets.
+    pub last_error: Option<String>,
+}
+
+/// `status` result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResult {
+    /// Daemon version.
+    pub version: String,
+    /// Protocol version.
+    pub protocol: u32,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Open client connections.
+    pub connections: u64,
+    /// Every configured profile.
+    pub profiles: Vec<ProfileStatus>,
+}
+
+/// Params naming one profile (`refresh`, `login.start`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileParams {
+    /// Profile name.
+    pub profile: String,
+}
+
+/// `token` params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenParams {
+    /// Profile name.
+    pub profile: String,
+    /// The token must stay valid at least this long; a refresh runs first otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_valid_secs: Option<u64>,
+}
+
+/// `token` and `refresh` result.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenResult {
+    /// Profile name.
+    pub profile: String,
+    /// Auth kind of the credential (`api-key`, `setup-token`, `oauth`, `claude-cli`).
+    pub kind: String,
+    /// The bare token or key.
+    pub token: String,
+    /// Unix seconds; null for keys that do not expire.
+    pub expires_at: Option<i64>,
+    /// Exactly the headers a request to the provider needs.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for TokenResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResult")
+            .field("profile", &self.profile)
+            .field("kind", &self.kind)
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// `reload` result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// Profiles configured after the reload.
+    pub profiles: Vec<String>,
+}
+
+/// `cancel` params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelParams {
+    /// Id of the in-flight request of this connection to stop.
+    pub id: crate::Id,
+}
+
+/// `subscribe` params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams {
+    /// Event kinds wanted (`token.rotated`, `profile.state`); empty means all.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+/// `credentials.set` params: exactly one of `api_key` and `setup_token`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsSetParams {
+    /// Profile name.
+    pub profile: String,
+    /// An API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// An Anthropic setup-token (`sk-ant-oat01-…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_token: Option<String>,
+}
+
+impl fmt::Debug for CredentialsSetParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialsSetParams")
+            .field("profile", &self.profile)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "setup_token",
+                &self.setup_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// `login.start` result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginStartResult {
+    /// The URL the user opens in a browser.
+    pub url: String,
+}
+
+/// `login.finish` params.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginFinishParams {
+    /// Profile name.
+    pub profile: String,
+    /// What the authorize page showed (`code#state`, or the bare code).
+    pub code: String,
+}
+
+impl fmt::Debug for LoginFinishParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginFinishParams")
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `login.finish` result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginFinishResult {
+    /// Expiry of the new access token, unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+/// Kinds of [`Event`].
+pub mod event_kinds {
+    /// A login's access token changed (refresh, adoption from file, login).
+    pub const TOKEN_ROTATED: &str = "token.rotated";
+    /// A profile's state changed.
+    pub const PROFILE_STATE: &str = "profile.state";
+}
+
+/// Payload of an `event` notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// `token.rotated` or `profile.state`.
+    pub kind: String,
+    /// Profile name.
+    pub profile: String,
+    /// New expiry (token.rotated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// New state (profile.state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ProfileState>,
+    /// Why, for error states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An empty object result (`{}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let t = TokenResult {
+            profile: "p".into(),
+            kind: "api-key".into(),
+            token: "sk-secret".into(),
+            expires_at: None,
+            headers: [("x-api-key".to_string(), "sk-secret".to_string())].into(),
+        };
+        assert!(!format!("{t:?}").contains("sk-secret"));
+        let c = CredentialsSetParams {
+            profile: "p".into(),
+            api_key: Some("sk-secret".into()),
+            setup_token: None,
+        };
+        assert!(!format!("{c:?}").contains("sk-secret"));
+        let l = LoginFinishParams {
+            profile: "p".into(),
+            code: "sk-secret".into(),
+        };
+        assert!(!format!("{l:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn unknown_param_fields_are_rejected() {
+        let e = serde_json::from_str::<TokenParams>(r#"{"profile":"a","min_valid":3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_valid"), "{e}");
+    }
+}
