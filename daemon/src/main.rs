@@ -55,7 +55,13 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let socket = llmd_proto::paths::resolve_socket_path(args.socket, cfg.daemon.socket.clone());
     let grace = Duration::from_secs(cfg.daemon.shutdown_grace_secs);
-    let listener = listener::bind(&socket)?;
+    let listener = match listener::from_systemd()? {
+        Some(l) => {
+            tracing::info!("using the socket passed by systemd");
+            l
+        }
+        None => listener::bind(&socket)?,
+    };
     let daemon = Daemon::new(cfg, source.clone(), config_path, explicit);
     let profiles: Vec<String> = daemon.registry().profiles.keys().cloned().collect();
     tracing::info!(socket = %socket.display(), config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));

@@ -267,7 +267,7 @@ impl LoginTask {
         }
         let joined = self.last_attempt_end.is_some_and(|end| end >= asked);
         let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
-        if !joined && !(backing_off && !force) {
+        if !joined && (force || !backing_off) {
             self.refresh().await;
         }
         if self.dead {

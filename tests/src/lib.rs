@@ -1,1 +1,8 @@
+//! End-to-end test support: start the real `llmd` binary in a private temporary home,
+//! talk to it over its real socket, and run fake providers on 127.0.0.1.
 
+pub mod daemon;
+pub mod fake_oauth;
+pub mod raw;
+
+pub use daemon::{bin_path, Daemon, DaemonBuilder};

@@ -8,6 +8,9 @@ use crate::secret::Secret;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
+/// A JSON object as read from a file.
+pub type JsonObject = Map<String, Value>;
+
 /// A bundle at `path`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BundleFile {
@@ -22,7 +25,7 @@ impl BundleFile {
     }
 
     /// Reads the bundle and also returns the whole JSON object.
-    pub fn read_object(&self) -> Result<Option<(Tokens, Map<String, Value>)>, String> {
+    pub fn read_object(&self) -> Result<Option<(Tokens, JsonObject)>, String> {
         let p = &self.path;
         let text = match std::fs::read(p) {
             Ok(t) => t,

@@ -83,3 +83,39 @@ fn peer_pid(s: &UnixStream) -> Option<i32> {
     };
     (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
+
+/// The listening socket passed by systemd (`LISTEN_PID`/`LISTEN_FDS`, first fd is 3), if
+/// any. The socket file then belongs to systemd: llmd neither checks its folder nor
+/// removes it on exit.
+pub fn from_systemd() -> Result<Option<Listener>, String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let pid_matches = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).unwrap_or(0);
+    // Children (none today) must not inherit the activation variables.
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    if !pid_matches || count < 1 {
+        return Ok(None);
+    }
+    if count > 1 {
+        tracing::warn!(count, "systemd passed several sockets; using the first");
+    }
+    const FIRST_FD: i32 = 3;
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd 3 is ours by the socket-activation protocol; the out-buffer is an int.
+    let rc = unsafe {
+        libc::getsockopt(FIRST_FD, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut accepting as *mut libc::c_int).cast(), &mut len)
+    };
+    if rc != 0 || accepting == 0 {
+        return Err("LISTEN_FDS is set but fd 3 is not a listening socket".into());
+    }
+    // SAFETY: as above; nothing else in this process owns fd 3.
+    let fd = unsafe { OwnedFd::from_raw_fd(FIRST_FD) };
+    // SAFETY: plain fcntl on an fd we own.
+    unsafe { libc::fcntl(FIRST_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let uds = interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(fd)
+        .map_err(|e| format!("cannot use the socket passed by systemd: {e}"))?;
+    Ok(Some(Listener::from(uds)))
+}

@@ -1,0 +1,270 @@
+//! Starting and stopping the real `llmd` binary.
+
+use llmd_client::Client;
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (`llmd`, `llmctl`), built by `cargo build --workspace --bins`.
+/// `LLMD_BIN_DIR` overrides the folder.
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("LLMD_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            // target/<profile>/deps/<test-binary> -> target/<profile>
+            let exe = std::env::current_exe().expect("test binary path");
+            exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+        }
+    };
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not found: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// Configures a daemon before it starts.
+pub struct DaemonBuilder {
+    config: Option<String>,
+    env: BTreeMap<String, String>,
+    files: Vec<(PathBuf, String, u32)>,
+    wait: bool,
+}
+
+impl Default for DaemonBuilder {
+    fn default() -> Self {
+        DaemonBuilder { config: None, env: BTreeMap::new(), files: Vec::new(), wait: true }
+    }
+}
+
+impl DaemonBuilder {
+    /// Writes this config file (`$XDG_CONFIG_HOME/llmd/config.toml`). `{home}` is replaced
+    /// by the temporary home folder.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+
+    /// Writes a file relative to the home folder, with a mode, before the start.
+    pub fn file(mut self, rel: &str, contents: &str, mode: u32) -> Self {
+        self.files.push((rel.into(), contents.into(), mode));
+        self
+    }
+
+    /// Do not wait for the socket (for tests that expect a failed start).
+    pub fn no_wait(mut self) -> Self {
+        self.wait = false;
+        self
+    }
+
+    /// Starts the daemon in a fresh temporary home.
+    pub fn start(self) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().to_path_buf();
+        let run = home.join("run");
+        std::fs::create_dir_all(&run).expect("run dir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod run");
+        let config_dir = home.join("config").join("llmd");
+        std::fs::create_dir_all(&config_dir).expect("config dir");
+        if let Some(c) = &self.config {
+            std::fs::write(config_dir.join("config.toml"), c.replace("{home}", &home.to_string_lossy())).expect("config");
+        }
+        for (rel, contents, mode) in &self.files {
+            let p = home.join(rel);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).expect("mkdir");
+            }
+            std::fs::write(&p, contents.replace("{home}", &home.to_string_lossy())).expect("write file");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).expect("chmod");
+        }
+        let mut d = Daemon { child: None, dir, home: home.clone(), socket: run.join("llmd").join("llmd.sock"), env: self.env };
+        d.spawn(self.wait);
+        d
+    }
+}
+
+/// A running `llmd` in its own temporary home.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// Temporary home (also holds XDG folders).
+    pub home: PathBuf,
+    /// Socket path.
+    pub socket: PathBuf,
+    env: BTreeMap<String, String>,
+}
+
+impl Daemon {
+    /// A builder.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    /// Starts a daemon with `config`.
+    pub fn start(config: &str) -> Daemon {
+        Daemon::builder().config(config).start()
+    }
+
+    /// The environment every process of this test sees (daemon and llmctl).
+    pub fn base_env(&self) -> Vec<(String, String)> {
+        let h = self.home.to_string_lossy().to_string();
+        let mut v = vec![
+            ("HOME".into(), h.clone()),
+            ("XDG_RUNTIME_DIR".into(), format!("{h}/run")),
+            ("XDG_CONFIG_HOME".into(), format!("{h}/config")),
+            ("XDG_STATE_HOME".into(), format!("{h}/state")),
+            ("LLMD_LOG".into(), "debug".into()),
+        ];
+        v.extend(self.env.iter().map(|(k, val)| (k.clone(), val.clone())));
+        v
+    }
+
+    fn command(&self, bin: &str) -> Command {
+        let mut c = Command::new(bin_path(bin));
+        c.env_clear();
+        c.env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in self.base_env() {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn spawn(&mut self, wait: bool) {
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = self
+            .command("llmd")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn llmd");
+        self.child = Some(child);
+        if wait {
+            self.wait_ready();
+        }
+    }
+
+    /// Waits until the socket answers.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("llmd exited early with {status}; log:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("llmd did not open {} in time; log:\n{}", self.socket.display(), self.logs());
+    }
+
+    /// Restarts the daemon in the same home.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn(true);
+    }
+
+    /// Where the daemon's stdout/stderr go.
+    pub fn log_path(&self) -> PathBuf {
+        self.home.join("llmd.log")
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        Client::connect_to(&self.socket).await.expect("connect")
+    }
+
+    /// Runs `llmctl` against this daemon.
+    pub fn llmctl(&self, args: &[&str]) -> Output {
+        self.command("llmctl").env("LLMD_SOCKET", &self.socket).args(args).output().expect("run llmctl")
+    }
+
+    /// Runs `llmctl` with `stdin` piped in.
+    pub fn llmctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command("llmctl")
+            .env("LLMD_SOCKET", &self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn llmctl");
+        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child.wait_with_output().expect("llmctl output")
+    }
+
+    /// Runs a second `llmd` in the same home (foreground) and returns its output.
+    pub fn run_another(&self, extra_env: &[(&str, &str)]) -> Output {
+        let mut c = self.command("llmd");
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        c.output().expect("run llmd")
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill with a pid we spawned.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// Stops with SIGTERM and returns the exit status.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill with a pid we spawned.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Waits for the daemon to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// The temporary folder (kept alive as long as the daemon).
+    pub fn tempdir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! A fake OAuth token endpoint on 127.0.0.1 that behaves like the real ones where it
+//! matters: short-lived access tokens, single-use rotating refresh tokens, and a 400
+//! `invalid_grant` for a refresh token that was already used.
+//!
+//! Anthropic's shape: `POST /v1/oauth/token` with a JSON body, answer with `expires_in`.
+//! MiniMax's shape: `POST /oauth/token` form-encoded, answer with `expired_in`.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How the endpoint answers the next refresh requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Rotate and answer 200.
+    Normal,
+    /// 500 with a JSON error.
+    ServerError,
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// Never answer (until the client gives up).
+    Hang,
+    /// 400 `invalid_grant` for everything.
+    Revoked,
+}
+
+/// What the endpoint knows and counts.
+#[derive(Debug)]
+pub struct Inner {
+    /// The one refresh token that is currently valid.
+    pub valid_refresh: String,
+    /// Generation counter; tokens are `…-{gen}`.
+    pub generation: u64,
+    /// Lifetime of issued access tokens.
+    pub lifetime_secs: i64,
+    /// Current mode.
+    pub mode: Mode,
+    /// Delay before each answer.
+    pub delay: Duration,
+    /// Refresh requests received (any outcome).
+    pub refresh_calls: u64,
+    /// Successful rotations.
+    pub rotations: u64,
+    /// Requests that got `invalid_grant`.
+    pub invalid_grants: u64,
+    /// Authorization codes accepted by the `authorization_code` grant.
+    pub codes: HashMap<String, ()>,
+    /// Every request body, parsed (JSON or form as an object), with the user-agent.
+    pub requests: Vec<(Value, String)>,
+}
+
+/// A running fake token endpoint.
+#[derive(Clone)]
+pub struct FakeOAuth {
+    /// Shared state.
+    pub inner: Arc<Mutex<Inner>>,
+    /// Bound address.
+    pub addr: SocketAddr,
+}
+
+/// Access token of a generation.
+pub fn access_of(generation: u64) -> String {
+    format!("sk-ant-oat01-fakeaccess-{generation:06}")
+}
+
+/// Refresh token of a generation.
+pub fn refresh_of(generation: u64) -> String {
+    format!("sk-ant-ort01-fakerefresh-{generation:06}")
+}
+
+impl FakeOAuth {
+    /// Starts the endpoint; the valid refresh token is [`refresh_of`]`(0)`.
+    pub async fn start(lifetime_secs: i64) -> FakeOAuth {
+        let inner = Arc::new(Mutex::new(Inner {
+            valid_refresh: refresh_of(0),
+            generation: 0,
+            lifetime_secs,
+            mode: Mode::Normal,
+            delay: Duration::ZERO,
+            refresh_calls: 0,
+            rotations: 0,
+            invalid_grants: 0,
+            codes: HashMap::new(),
+            requests: Vec::new(),
+        }));
+        let app = Router::new()
+            .route("/v1/oauth/token", post(token_json))
+            .route("/oauth/token", post(token_form))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake oauth");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeOAuth { inner, addr }
+    }
+
+    /// Anthropic-style endpoint URL.
+    pub fn anthropic_url(&self) -> String {
+        format!("http://{}/v1/oauth/token", self.addr)
+    }
+
+    /// MiniMax region base (the endpoint is `{region}/oauth/token`).
+    pub fn region(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Locks the state.
+    pub fn state(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the mode.
+    pub fn set_mode(&self, m: Mode) {
+        self.state().mode = m;
+    }
+
+    /// Refresh calls so far.
+    pub fn refresh_calls(&self) -> u64 {
+        self.state().refresh_calls
+    }
+
+    /// `invalid_grant` answers so far.
+    pub fn invalid_grants(&self) -> u64 {
+        self.state().invalid_grants
+    }
+
+    /// Current generation.
+    pub fn generation(&self) -> u64 {
+        self.state().generation
+    }
+
+    /// Accept `code` once for the authorization-code grant.
+    pub fn allow_code(&self, code: &str) {
+        self.state().codes.insert(code.into(), ());
+    }
+
+    /// Rotates without a request, as if another client had refreshed (returns the new
+    /// generation's tokens).
+    pub fn rotate_out_of_band(&self) -> (String, String, u64) {
+        let mut s = self.state();
+        s.generation += 1;
+        s.valid_refresh = refresh_of(s.generation);
+        s.rotations += 1;
+        (access_of(s.generation), refresh_of(s.generation), s.generation)
+    }
+}
+
+async fn token_json(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    answer(inner, headers, parsed, "expires_in").await
+}
+
+async fn token_form(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut obj = serde_json::Map::new();
+    for pair in String::from_utf8_lossy(&body).split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        obj.insert(decode(k), Value::String(decode(v)));
+    }
+    answer(inner, headers, Value::Object(obj), "expired_in").await
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.replace('+', " ").into_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&String::from_utf8_lossy(&bytes[i + 1..i + 3]), 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn answer(inner: Arc<Mutex<Inner>>, headers: HeaderMap, body: Value, lifetime_field: &str) -> Response {
+    let ua = headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let (mode, delay) = {
+        let mut s = inner.lock().unwrap_or_else(|p| p.into_inner());
+        s.requests.push((body.clone(), ua));
+        (s.mode, s.delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if mode == Mode::Hang && body.get("grant_type").and_then(Value::as_str) == Some("refresh_token") {
+        inner.lock().unwrap_or_else(|p| p.into_inner()).refresh_calls += 1;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    }
+    let mut s = inner.lock().unwrap_or_else(|p| p.into_inner());
+    decide(&mut s, &body, mode, lifetime_field)
+}
+
+fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Response {
+    let grant = body.get("grant_type").and_then(Value::as_str).unwrap_or("");
+    if grant == "authorization_code" {
+        let code = body.get("code").and_then(Value::as_str).unwrap_or("");
+        if s.codes.remove(code).is_none() {
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant", "error_description": "bad code"}))).into_response();
+        }
+        s.generation += 1;
+        s.valid_refresh = refresh_of(s.generation);
+        return issue(s.generation, s.lifetime_secs, lifetime_field);
+    }
+    s.refresh_calls += 1;
+    match mode {
+        Mode::ServerError => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"type": "api_error", "message": "internal"}})))
+                .into_response()
+        }
+        Mode::Garbage => return (StatusCode::OK, "<html>not json</html>").into_response(),
+        Mode::Revoked => {
+            s.invalid_grants += 1;
+            return invalid_grant();
+        }
+        Mode::Normal | Mode::Hang => {}
+    }
+    let presented = body.get("refresh_token").and_then(Value::as_str).unwrap_or("");
+    if grant != "refresh_token" || presented != s.valid_refresh {
+        s.invalid_grants += 1;
+        return invalid_grant();
+    }
+    s.generation += 1;
+    s.rotations += 1;
+    s.valid_refresh = refresh_of(s.generation);
+    issue(s.generation, s.lifetime_secs, lifetime_field)
+}
+
+fn invalid_grant() -> Response {
+    (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant", "error_description": "Refresh token not found or invalid"})))
+        .into_response()
+}
+
+fn issue(generation: u64, lifetime: i64, lifetime_field: &str) -> Response {
+    let mut body = json!({
+        "token_type": "Bearer",
+        "access_token": access_of(generation),
+        "refresh_token": refresh_of(generation),
+        "scope": "user:inference user:profile",
+    });
+    body[lifetime_field] = lifetime.into();
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
