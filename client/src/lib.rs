@@ -205,6 +205,8 @@ impl Client {
         conn.call(names::SUBSCRIBE, &params).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
+            // The subscription lives on this connection: keep it open while events are read.
+            let _conn = conn;
             while let Some(n) = notes.recv().await {
                 if n.method == names::EVENT {
                     if let Ok(e) = serde_json::from_str::<Event>(n.params.get()) {

@@ -17,6 +17,9 @@ use tokio::sync::broadcast;
 
 /// Longest wait for Claude Code's refresh lock.
 const CLAUDE_LOCK_WAIT: Duration = Duration::from_secs(30);
+/// Claude Code refreshes 5 minutes before expiry; llmd refreshes a shared login at least
+/// this far ahead so that Claude Code never has a reason to refresh it itself.
+const CLAUDE_MIN_MARGIN: Duration = Duration::from_secs(600);
 
 /// What stands behind a profile.
 #[derive(Debug)]
@@ -77,7 +80,11 @@ impl Profile {
                     source,
                     upstream,
                     locks,
-                    margin: env.margin,
+                    margin: if cfg.auth == AuthKind::ClaudeCli {
+                        env.margin.max(CLAUDE_MIN_MARGIN)
+                    } else {
+                        env.margin
+                    },
                     timeout: env.timeout,
                     http: env.http.clone(),
                     events: env.events.clone(),

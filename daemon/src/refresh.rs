@@ -253,11 +253,14 @@ impl LoginTask {
         force: bool,
         asked: Instant,
     ) -> Result<(Secret, Option<i64>), RpcError> {
-        if self.dead {
+        if self.dead || self.tokens.is_none() {
             // The user or Claude Code may have logged in again since.
             self.reread().await;
             if self.dead {
                 return Err(self.needs_login_error());
+            }
+            if self.tokens.is_none() {
+                return Err(self.no_login_error());
             }
         }
         if !force {
@@ -278,17 +281,24 @@ impl LoginTask {
         }
         self.current(0).ok_or_else(|| {
             if self.tokens.is_none() {
-                RpcError::new(
-                    ErrorKind::NeedsLogin,
-                    format!(
-                        "no login for profile `{}`: run `llmctl login {}`",
-                        self.spec.profile, self.spec.profile
-                    ),
-                )
+                self.no_login_error()
             } else {
                 self.refresh_failed_error()
             }
         })
+    }
+
+    fn no_login_error(&self) -> RpcError {
+        let p = &self.spec.profile;
+        let why = self
+            .last_error
+            .clone()
+            .unwrap_or_else(|| format!("no login found at {}", self.spec.source.path().display()));
+        RpcError::new(
+            ErrorKind::NeedsLogin,
+            format!("profile `{p}` has no usable login ({why}): run `llmctl login {p}`"),
+        )
+        .with("profile", p.as_str())
     }
 
     fn needs_login_error(&self) -> RpcError {
@@ -341,6 +351,10 @@ impl LoginTask {
             }
             Err(e) => {
                 tracing::warn!(profile = %self.spec.profile, error = %e, "cannot read login file; keeping current tokens");
+                if self.tokens.is_none() && self.last_error.as_ref() != Some(&e) {
+                    self.last_error = Some(e);
+                    self.publish();
+                }
             }
         }
     }
@@ -353,9 +367,14 @@ impl LoginTask {
         self.failures = 0;
         self.refresh_at = t.expires_at.map(|exp| {
             let remaining = (exp - unix_now()).max(0) as u64;
-            // Refresh `margin` ahead, but never earlier than half-way through the token's
-            // remaining life, so short-lived tokens do not cause a refresh storm.
-            let lead = self.spec.margin.as_secs().min(remaining / 2);
+            // Refresh `margin` ahead. A token we just got whose whole life is shorter than
+            // the margin is refreshed half-way instead, so it cannot cause a refresh storm.
+            let margin = self.spec.margin.as_secs();
+            let lead = if refreshed {
+                margin.min(remaining / 2)
+            } else {
+                margin.min(remaining)
+            };
             let jitter_range = (lead / 10).min(30) * 1000;
             let jitter = if jitter_range > 0 {
                 rand::random::<u64>() % jitter_range

@@ -15,11 +15,18 @@ pub fn bin_path(name: &str) -> PathBuf {
         None => {
             // target/<profile>/deps/<test-binary> -> target/<profile>
             let exe = std::env::current_exe().expect("test binary path");
-            exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
         }
     };
     let p = dir.join(name);
-    assert!(p.exists(), "{} not found: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -33,7 +40,12 @@ pub struct DaemonBuilder {
 
 impl Default for DaemonBuilder {
     fn default() -> Self {
-        DaemonBuilder { config: None, env: BTreeMap::new(), files: Vec::new(), wait: true }
+        DaemonBuilder {
+            config: None,
+            env: BTreeMap::new(),
+            files: Vec::new(),
+            wait: true,
+        }
     }
 }
 
@@ -73,17 +85,28 @@ impl DaemonBuilder {
         let config_dir = home.join("config").join("llmd");
         std::fs::create_dir_all(&config_dir).expect("config dir");
         if let Some(c) = &self.config {
-            std::fs::write(config_dir.join("config.toml"), c.replace("{home}", &home.to_string_lossy())).expect("config");
+            std::fs::write(
+                config_dir.join("config.toml"),
+                c.replace("{home}", &home.to_string_lossy()),
+            )
+            .expect("config");
         }
         for (rel, contents, mode) in &self.files {
             let p = home.join(rel);
             if let Some(parent) = p.parent() {
                 std::fs::create_dir_all(parent).expect("mkdir");
             }
-            std::fs::write(&p, contents.replace("{home}", &home.to_string_lossy())).expect("write file");
+            std::fs::write(&p, contents.replace("{home}", &home.to_string_lossy()))
+                .expect("write file");
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).expect("chmod");
         }
-        let mut d = Daemon { child: None, dir, home: home.clone(), socket: run.join("llmd").join("llmd.sock"), env: self.env };
+        let mut d = Daemon {
+            child: None,
+            dir,
+            home: home.clone(),
+            socket: run.join("llmd").join("llmd.sock"),
+            env: self.env,
+        };
         d.spawn(self.wait);
         d
     }
@@ -121,7 +144,11 @@ impl Daemon {
             ("XDG_STATE_HOME".into(), format!("{h}/state")),
             ("LLMD_LOG".into(), "debug".into()),
         ];
-        v.extend(self.env.iter().map(|(k, val)| (k.clone(), val.clone())));
+        v.extend(
+            self.env
+                .iter()
+                .map(|(k, val)| (k.clone(), val.replace("{home}", &h))),
+        );
         v
     }
 
@@ -157,12 +184,20 @@ impl Daemon {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("llmd exited early with {status}; log:\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("llmd did not open {} in time; log:\n{}", self.socket.display(), self.logs());
+        panic!(
+            "llmd did not open {} in time; log:\n{}",
+            self.socket.display(),
+            self.logs()
+        );
     }
 
     /// Restarts the daemon in the same home.
@@ -188,7 +223,11 @@ impl Daemon {
 
     /// Runs `llmctl` against this daemon.
     pub fn llmctl(&self, args: &[&str]) -> Output {
-        self.command("llmctl").env("LLMD_SOCKET", &self.socket).args(args).output().expect("run llmctl")
+        self.command("llmctl")
+            .env("LLMD_SOCKET", &self.socket)
+            .args(args)
+            .output()
+            .expect("run llmctl")
     }
 
     /// Runs `llmctl` with `stdin` piped in.
@@ -203,7 +242,12 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn llmctl");
-        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
         child.wait_with_output().expect("llmctl output")
     }
 

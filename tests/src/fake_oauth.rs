@@ -95,7 +95,9 @@ impl FakeOAuth {
             .route("/v1/oauth/token", post(token_json))
             .route("/oauth/token", post(token_form))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake oauth");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake oauth");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -150,16 +152,28 @@ impl FakeOAuth {
         s.generation += 1;
         s.valid_refresh = refresh_of(s.generation);
         s.rotations += 1;
-        (access_of(s.generation), refresh_of(s.generation), s.generation)
+        (
+            access_of(s.generation),
+            refresh_of(s.generation),
+            s.generation,
+        )
     }
 }
 
-async fn token_json(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn token_json(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     answer(inner, headers, parsed, "expires_in").await
 }
 
-async fn token_form(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn token_form(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut obj = serde_json::Map::new();
     for pair in String::from_utf8_lossy(&body).split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -186,8 +200,17 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn answer(inner: Arc<Mutex<Inner>>, headers: HeaderMap, body: Value, lifetime_field: &str) -> Response {
-    let ua = headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+async fn answer(
+    inner: Arc<Mutex<Inner>>,
+    headers: HeaderMap,
+    body: Value,
+    lifetime_field: &str,
+) -> Response {
+    let ua = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let (mode, delay) = {
         let mut s = inner.lock().unwrap_or_else(|p| p.into_inner());
         s.requests.push((body.clone(), ua));
@@ -196,8 +219,12 @@ async fn answer(inner: Arc<Mutex<Inner>>, headers: HeaderMap, body: Value, lifet
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if mode == Mode::Hang && body.get("grant_type").and_then(Value::as_str) == Some("refresh_token") {
-        inner.lock().unwrap_or_else(|p| p.into_inner()).refresh_calls += 1;
+    if mode == Mode::Hang && body.get("grant_type").and_then(Value::as_str) == Some("refresh_token")
+    {
+        inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh_calls += 1;
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return StatusCode::GATEWAY_TIMEOUT.into_response();
     }
@@ -210,7 +237,11 @@ fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Resp
     if grant == "authorization_code" {
         let code = body.get("code").and_then(Value::as_str).unwrap_or("");
         if s.codes.remove(code).is_none() {
-            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant", "error_description": "bad code"}))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": "invalid_grant", "error_description": "bad code"})),
+            )
+                .into_response();
         }
         s.generation += 1;
         s.valid_refresh = refresh_of(s.generation);
@@ -219,7 +250,10 @@ fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Resp
     s.refresh_calls += 1;
     match mode {
         Mode::ServerError => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"type": "api_error", "message": "internal"}})))
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": {"type": "api_error", "message": "internal"}})),
+            )
                 .into_response()
         }
         Mode::Garbage => return (StatusCode::OK, "<html>not json</html>").into_response(),
@@ -229,7 +263,10 @@ fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Resp
         }
         Mode::Normal | Mode::Hang => {}
     }
-    let presented = body.get("refresh_token").and_then(Value::as_str).unwrap_or("");
+    let presented = body
+        .get("refresh_token")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if grant != "refresh_token" || presented != s.valid_refresh {
         s.invalid_grants += 1;
         return invalid_grant();

@@ -20,7 +20,10 @@ impl Raw {
     pub async fn connect(path: &Path) -> Raw {
         let s = UnixStream::connect(path).await.expect("connect");
         let (r, w) = s.into_split();
-        Raw { r: BufReader::new(r), w }
+        Raw {
+            r: BufReader::new(r),
+            w,
+        }
     }
 
     /// Writes bytes as they are.
@@ -43,7 +46,8 @@ impl Raw {
 
     /// Sends a request and returns the next line.
     pub async fn call(&mut self, id: i64, method: &str, params: Value) -> Value {
-        let req = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         self.send(format!("{req}\n").as_bytes()).await;
         self.recv().await.expect("answer")
     }

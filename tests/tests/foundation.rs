@@ -45,31 +45,64 @@ async fn each_provider_gets_its_exact_auth_headers() {
     let c = d.client().await;
     type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
     let cases: [Case; 4] = [
-        ("ant", "sk-ant-api03-testkey", &[("x-api-key", "sk-ant-api03-testkey")]),
-        ("oai", "sk-openai-testkey", &[("authorization", "Bearer sk-openai-testkey")]),
-        ("gem", "AIza-gemini-testkey", &[("x-goog-api-key", "AIza-gemini-testkey")]),
-        ("mm", "mm-testkey", &[("authorization", "Bearer mm-testkey"), ("x-minimax-group-id", "grp-7")]),
+        (
+            "ant",
+            "sk-ant-api03-testkey",
+            &[("x-api-key", "sk-ant-api03-testkey")],
+        ),
+        (
+            "oai",
+            "sk-openai-testkey",
+            &[("authorization", "Bearer sk-openai-testkey")],
+        ),
+        (
+            "gem",
+            "AIza-gemini-testkey",
+            &[("x-goog-api-key", "AIza-gemini-testkey")],
+        ),
+        (
+            "mm",
+            "mm-testkey",
+            &[
+                ("authorization", "Bearer mm-testkey"),
+                ("x-minimax-group-id", "grp-7"),
+            ],
+        ),
     ];
     for (profile, token, headers) in cases {
         let t = c.token(profile, None).await.unwrap();
         assert_eq!(t.token, token);
         assert_eq!(t.kind, "api-key");
         assert_eq!(t.expires_at, None);
-        let want: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let want: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let got: Vec<(String, String)> = t.headers.into_iter().collect();
         assert_eq!(got, want, "headers of {profile}");
     }
     let s = c.status().await.unwrap();
     let names: Vec<&str> = s.profiles.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["ant", "gem", "mm", "oai"]);
-    assert!(s.profiles.iter().all(|p| p.state == llmd_proto::methods::ProfileState::Ok));
+    assert!(s
+        .profiles
+        .iter()
+        .all(|p| p.state == llmd_proto::methods::ProfileState::Ok));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_and_folder_are_private() {
     let d = four();
-    let dir_mode = std::fs::metadata(d.socket.parent().unwrap()).unwrap().permissions().mode() & 0o777;
-    let sock_mode = std::fs::symlink_metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    let dir_mode = std::fs::metadata(d.socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    let sock_mode = std::fs::symlink_metadata(&d.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(dir_mode, 0o700);
     assert_eq!(sock_mode, 0o600);
 }
@@ -85,7 +118,10 @@ async fn insecure_socket_folder_is_refused_with_a_fix() {
     let out = d.run_another(&[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("open to group/others") && err.contains("chmod 700"), "{err}");
+    assert!(
+        err.contains("open to group/others") && err.contains("chmod 700"),
+        "{err}"
+    );
     assert!(!d.socket.exists());
 }
 
@@ -95,9 +131,15 @@ async fn second_daemon_is_refused_and_first_keeps_serving() {
     let out = d.run_another(&[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already serving on") && err.contains(&*d.socket.to_string_lossy()), "{err}");
+    assert!(
+        err.contains("already serving on") && err.contains(&*d.socket.to_string_lossy()),
+        "{err}"
+    );
     assert!(err.contains("pid"), "{err}");
-    assert_eq!(d.client().await.token("ant", None).await.unwrap().token, "sk-ant-api03-testkey");
+    assert_eq!(
+        d.client().await.token("ant", None).await.unwrap().token,
+        "sk-ant-api03-testkey"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,8 +151,15 @@ async fn stale_socket_file_is_reclaimed() {
     drop(l);
     assert!(d.socket.exists());
     d.restart();
-    assert!(d.logs().contains("removing stale socket file"), "{}", d.logs());
-    assert_eq!(d.client().await.token("oai", None).await.unwrap().token, "sk-openai-testkey");
+    assert!(
+        d.logs().contains("removing stale socket file"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(
+        d.client().await.token("oai", None).await.unwrap().token,
+        "sk-openai-testkey"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,15 +179,22 @@ async fn garbage_then_valid_request_on_one_connection() {
     assert_eq!(e["error"]["code"], -32700);
     assert_eq!(e["error"]["data"]["kind"], "parse_error");
     assert_eq!(e["id"], serde_json::Value::Null);
-    raw.send(b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"token\",\"params\":{\"profile\":\"ant\"}}\n").await;
+    raw.send(
+        b"{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"token\",\"params\":{\"profile\":\"ant\"}}\n",
+    )
+    .await;
     let ok = raw.recv().await.unwrap();
     assert_eq!(ok["id"], 5);
     assert_eq!(ok["result"]["token"], "sk-ant-api03-testkey");
     assert_eq!(ok["result"]["headers"]["x-api-key"], "sk-ant-api03-testkey");
     // Not a request at all, but JSON: invalid_request, id echoed when readable.
-    raw.send(b"{\"jsonrpc\":\"1.0\",\"id\":6,\"method\":\"hello\"}\n").await;
+    raw.send(b"{\"jsonrpc\":\"1.0\",\"id\":6,\"method\":\"hello\"}\n")
+        .await;
     let e = raw.recv().await.unwrap();
-    assert_eq!((e["id"].clone(), e["error"]["code"].clone()), (json!(6), json!(-32600)));
+    assert_eq!(
+        (e["id"].clone(), e["error"]["code"].clone()),
+        (json!(6), json!(-32600))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,16 +206,27 @@ async fn error_codes_name_the_problem() {
     assert!(e["error"]["message"].as_str().unwrap().contains("nosuch"));
     let e = raw.call(2, "token", json!({"profil": "ant"})).await;
     assert_eq!(e["error"]["code"], -32602);
-    assert!(e["error"]["message"].as_str().unwrap().contains("profil"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("profil"),
+        "{e}"
+    );
     let e = raw.call(3, "token", json!({"profile": "ghost"})).await;
     assert_eq!(e["error"]["code"], -32001);
     assert_eq!(e["error"]["data"]["kind"], "unknown_profile");
     assert!(e["error"]["message"].as_str().unwrap().contains("ghost"));
     let e = raw.call(4, "hello", json!({"client": "x"})).await;
     assert_eq!(e["error"]["code"], -32602);
-    assert!(e["error"]["message"].as_str().unwrap().contains("version"), "{e}");
-    let ok = raw.call(5, "hello", json!({"client": "x", "version": "1"})).await;
-    assert_eq!(ok["result"], json!({"server": "llmd", "version": env!("CARGO_PKG_VERSION"), "protocol": 1}));
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("version"),
+        "{e}"
+    );
+    let ok = raw
+        .call(5, "hello", json!({"client": "x", "version": "1"}))
+        .await;
+    assert_eq!(
+        ok["result"],
+        json!({"server": "llmd", "version": env!("CARGO_PKG_VERSION"), "protocol": 1})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +292,11 @@ async fn two_hundred_concurrent_connections() {
             raw
         })
     });
-    let conns: Vec<Raw> = futures_util::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+    let conns: Vec<Raw> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
     let s = d.client().await.status().await.unwrap();
     assert_eq!(s.connections, 201);
     drop(conns);
@@ -267,7 +338,9 @@ async fn config_errors_name_file_line_and_key() {
         .no_wait()
         .start();
     let mut d = d;
-    let status = d.wait_exit(Duration::from_secs(20)).expect("llmd should exit");
+    let status = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("llmd should exit");
     assert!(!status.success());
     let log = d.logs();
     let path = d.home.join("config/llmd/config.toml");
@@ -277,7 +350,10 @@ async fn config_errors_name_file_line_and_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_default_serves_keys_from_environment() {
-    let d = Daemon::builder().env("OPENAI_API_KEY", "sk-from-env").env("GEMINI_API_KEY", "gem-from-env").start();
+    let d = Daemon::builder()
+        .env("OPENAI_API_KEY", "sk-from-env")
+        .env("GEMINI_API_KEY", "gem-from-env")
+        .start();
     let s = d.client().await.status().await.unwrap();
     let names: Vec<&str> = s.profiles.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["gemini", "openai"]);
@@ -304,18 +380,27 @@ async fn llmctl_status_headers_ping_and_completions() {
     let d = four();
     let out = d.llmctl(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("PROFILE") && text.contains("gem") && text.contains("minimax"), "{text}");
+    assert!(
+        text.contains("PROFILE") && text.contains("gem") && text.contains("minimax"),
+        "{text}"
+    );
     let out = d.llmctl(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["profiles"].as_array().unwrap().len(), 4);
     let out = d.llmctl(&["headers", "mm"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "authorization: Bearer mm-testkey\nx-minimax-group-id: grp-7\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "authorization: Bearer mm-testkey\nx-minimax-group-id: grp-7\n"
+    );
     let out = d.llmctl(&["headers", "ant", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, json!({"x-api-key": "sk-ant-api03-testkey"}));
     let out = d.llmctl(&["ping", "-n", "20"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("20 round trips: min ") && text.contains("median") && text.contains("p99"), "{text}");
+    assert!(
+        text.starts_with("20 round trips: min ") && text.contains("median") && text.contains("p99"),
+        "{text}"
+    );
     let out = d.llmctl(&["completions", "bash"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("llmctl"));
 }
@@ -327,14 +412,20 @@ async fn llmctl_without_daemon_says_how_to_start_it() {
     let out = d.llmctl(&["status"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("llmd is not running on") && err.contains("start it with"), "{err}");
+    assert!(
+        err.contains("llmd is not running on") && err.contains("start it with"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reconnects_after_daemon_restart() {
     let mut d = four();
     let c = d.client().await;
-    assert_eq!(c.token("ant", None).await.unwrap().token, "sk-ant-api03-testkey");
+    assert_eq!(
+        c.token("ant", None).await.unwrap().token,
+        "sk-ant-api03-testkey"
+    );
     d.restart();
     // The old connection died with the old daemon; the next call reconnects.
     let mut last = None;
@@ -354,12 +445,20 @@ async fn client_reconnects_after_daemon_restart() {
 async fn python_stdlib_client_follows_the_design() {
     let d = four();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/llmd_client.py");
-    let out = std::process::Command::new("python3").arg(script).arg("mm").env("LLMD_SOCKET", &d.socket).output();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg("mm")
+        .env("LLMD_SOCKET", &d.socket)
+        .output();
     let Ok(out) = out else {
         eprintln!("python3 not available; skipping");
         return;
     };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["server"], "llmd");
     assert_eq!(v["headers"]["authorization"], "Bearer mm-testkey");

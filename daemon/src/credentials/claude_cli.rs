@@ -34,15 +34,13 @@ impl CredentialsFile {
         let Some(oauth) = root.get(OAUTH_KEY).and_then(Value::as_object) else {
             return Ok(None);
         };
+        // Claude Code blanks the tokens when its refresh token is rejected: no login.
         let Some(access) = oauth
             .get("accessToken")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
         else {
-            return Err(format!(
-                "{} has no `claudeAiOauth.accessToken`",
-                self.path.display()
-            ));
+            return Ok(None);
         };
         Ok(Some(Tokens {
             access: Secret::new(access),
@@ -149,5 +147,14 @@ mod tests {
         assert!(f.read().is_err());
         std::fs::write(&f.path, "{}").unwrap();
         assert!(f.read().unwrap().is_none());
+        std::fs::write(
+            &f.path,
+            r#"{"claudeAiOauth":{"accessToken":"","refreshToken":"","expiresAt":0}}"#,
+        )
+        .unwrap();
+        assert!(
+            f.read().unwrap().is_none(),
+            "blanked by Claude Code after invalid_grant"
+        );
     }
 }

@@ -1,25 +1,29 @@
 //! Claude Code's refresh locks, taken by llmd around its own refresh of a `claude-cli`
 //! login so that llmd and Claude Code never refresh the same login at once.
 //!
-//! Claude Code 2.1.x guards a refresh with two lock folders (mkdir is atomic, so the
-//! folder's existence is the lock):
-//! - `<claude dir>/.oauth_refresh.lock/`, with an owner file inside;
-//! - `<claude dir>.lock/` (`~/.claude.lock` by default), a proper-lockfile lock whose
-//!   mtime the holder keeps fresh; one whose mtime is older than the stale limit is
-//!   treated as abandoned.
+//! Verified against the real CLI (v2.1.197, strace of `claude -p` refreshing an expired
+//! login offline through a local proxy):
+//! - it takes two proper-lockfile folder locks, in order: `<cfg>/.oauth_refresh.lock` and
+//!   `<realpath(cfg)>.lock` (`~/.claude.lock` by default, `/x/cfg.lock` for
+//!   `CLAUDE_CONFIG_DIR=/x/cfg`); when the second is busy it drops the first and retries;
+//! - the folders are created with mkdir and removed with rmdir, with nothing inside: a
+//!   file inside makes its stale-lock cleanup fail (ENOTEMPTY), so llmd writes none;
+//! - the holder sets both folders' mtime to now every 5 s; a folder whose mtime is more
+//!   than 10 s old is abandoned and removed by the next taker;
+//! - a busy lock is retried 5 times with 1–2 s random waits, then Claude Code gives up
+//!   without refreshing; before every try it re-reads `.credentials.json` and uses the
+//!   tokens it finds there if the access token changed or is valid for more than 5 min.
 //!
-//! A held lock makes the other side wait with 1–2 s of jitter between tries and then
-//! re-read the credentials file, adopting what the holder wrote.
+//! llmd follows the same protocol, waits longer (it is the designated refresher), and
+//! refreshes at least 10 minutes ahead, so Claude Code always finds fresh tokens.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-/// A lock whose mtime is older than this is abandoned (proper-lockfile's default stale).
+/// A lock whose mtime is older than this is abandoned (proper-lockfile's `stale: 1e4`).
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
-/// How often a held lock's mtime is refreshed.
+/// How often a held lock's mtime is refreshed (proper-lockfile: stale / 2).
 const TOUCH_EVERY: Duration = Duration::from_secs(5);
-/// Name of the owner file inside `.oauth_refresh.lock`.
-const OWNER_FILE: &str = "owner";
 
 /// The lock folders for one Claude Code config folder.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,11 +37,13 @@ pub struct ClaudeLocks {
 impl ClaudeLocks {
     /// Locks of the Claude Code config folder `dir`.
     pub fn for_dir(dir: &Path, wait: Duration) -> Self {
-        let mut paths = vec![dir.join(".oauth_refresh.lock")];
-        let mut legacy = dir.as_os_str().to_owned();
+        let real = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let mut legacy = real.into_os_string();
         legacy.push(".lock");
-        paths.push(PathBuf::from(legacy));
-        ClaudeLocks { paths, wait }
+        ClaudeLocks {
+            paths: vec![dir.join(".oauth_refresh.lock"), PathBuf::from(legacy)],
+            wait,
+        }
     }
 
     /// The lock folders.
@@ -45,32 +51,22 @@ impl ClaudeLocks {
         &self.paths
     }
 
-    /// Takes every lock, waiting (with jitter) while a live holder has one. Gives up after
-    /// the configured wait with a message that names the lock.
+    /// Takes every lock, waiting (1–2 s jitter between tries) while a live holder has one.
+    /// Gives up after the configured wait with a message that names the lock.
     pub async fn acquire(&self) -> Result<LockGuard, String> {
         let deadline = Instant::now() + self.wait;
-        let mut held = LockGuard {
-            paths: Vec::new(),
-            toucher: None,
-        };
-        for path in &self.paths {
-            loop {
-                match std::fs::create_dir(path) {
-                    Ok(()) => {
-                        if path.ends_with(".oauth_refresh.lock") {
-                            let owner =
-                                format!("{{\"pid\":{},\"owner\":\"llmd\"}}\n", std::process::id());
-                            let _ = std::fs::write(path.join(OWNER_FILE), owner);
-                        }
-                        held.paths.push(path.clone());
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        if is_stale(path) {
-                            tracing::warn!(lock = %path.display(), "removing abandoned Claude Code lock");
-                            let _ = std::fs::remove_dir_all(path);
-                            continue;
-                        }
+        'attempt: loop {
+            let mut held = LockGuard {
+                paths: Vec::new(),
+                toucher: None,
+            };
+            for path in &self.paths {
+                match take(path) {
+                    Taken::Yes => held.paths.push(path.clone()),
+                    Taken::NoParent => {}
+                    Taken::Busy => {
+                        // Like Claude Code: release what we hold, wait, start over.
+                        drop(held);
                         if Instant::now() >= deadline {
                             return Err(format!(
                                 "Claude Code holds {} (waited {}s)",
@@ -81,26 +77,51 @@ impl ClaudeLocks {
                         let jitter = Duration::from_millis(1000 + rand::random::<u64>() % 1000);
                         let left = deadline.saturating_duration_since(Instant::now());
                         tokio::time::sleep(jitter.min(left).max(Duration::from_millis(50))).await;
+                        continue 'attempt;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        // The parent folder is missing: nobody else can hold this lock.
-                        break;
-                    }
-                    Err(e) => return Err(format!("cannot create lock {}: {e}", path.display())),
+                    Taken::Failed(e) => return Err(e),
                 }
             }
+            let touched = held.paths.clone();
+            held.toucher = Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(TOUCH_EVERY).await;
+                    for p in &touched {
+                        touch(p);
+                    }
+                }
+            }));
+            return Ok(held);
         }
-        let touched = held.paths.clone();
-        held.toucher = Some(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(TOUCH_EVERY).await;
-                for p in &touched {
-                    touch(p);
+    }
+}
+
+enum Taken {
+    Yes,
+    Busy,
+    NoParent,
+    Failed(String),
+}
+
+fn take(path: &Path) -> Taken {
+    for _ in 0..2 {
+        match std::fs::create_dir(path) {
+            Ok(()) => return Taken::Yes,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !is_stale(path) {
+                    return Taken::Busy;
+                }
+                tracing::warn!(lock = %path.display(), "removing abandoned Claude Code lock");
+                if std::fs::remove_dir(path).is_err() {
+                    return Taken::Busy;
                 }
             }
-        }));
-        Ok(held)
+            // The parent folder is missing: nobody else can hold this lock either.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Taken::NoParent,
+            Err(e) => return Taken::Failed(format!("cannot create lock {}: {e}", path.display())),
+        }
     }
+    Taken::Busy
 }
 
 fn is_stale(path: &Path) -> bool {
@@ -130,7 +151,7 @@ impl Drop for LockGuard {
             t.abort();
         }
         for p in self.paths.iter().rev() {
-            let _ = std::fs::remove_dir_all(p);
+            let _ = std::fs::remove_dir(p);
         }
     }
 }
@@ -147,7 +168,14 @@ mod tests {
         let locks = ClaudeLocks::for_dir(&dir, Duration::from_millis(300));
         assert_eq!(locks.paths()[1], home.path().join(".claude.lock"));
         let g = locks.acquire().await.unwrap();
-        assert!(dir.join(".oauth_refresh.lock/owner").exists());
+        assert!(dir.join(".oauth_refresh.lock").is_dir());
+        assert_eq!(
+            std::fs::read_dir(dir.join(".oauth_refresh.lock"))
+                .unwrap()
+                .count(),
+            0,
+            "nothing inside"
+        );
         assert!(home.path().join(".claude.lock").is_dir());
         // A second taker times out while the first holds the locks.
         let e = locks.acquire().await.unwrap_err();

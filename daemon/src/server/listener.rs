@@ -89,8 +89,14 @@ fn peer_pid(s: &UnixStream) -> Option<i32> {
 /// removes it on exit.
 pub fn from_systemd() -> Result<Option<Listener>, String> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let pid_matches = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
-    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).unwrap_or(0);
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
     // Children (none today) must not inherit the activation variables.
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
@@ -106,7 +112,13 @@ pub fn from_systemd() -> Result<Option<Listener>, String> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: fd 3 is ours by the socket-activation protocol; the out-buffer is an int.
     let rc = unsafe {
-        libc::getsockopt(FIRST_FD, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut accepting as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            FIRST_FD,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     if rc != 0 || accepting == 0 {
         return Err("LISTEN_FDS is set but fd 3 is not a listening socket".into());
