@@ -292,3 +292,28 @@ fn issue(generation: u64, lifetime: i64, lifetime_field: &str) -> Response {
     body[lifetime_field] = lifetime.into();
     (StatusCode::OK, axum::Json(body)).into_response()
 }
+
+/// Minimal HTTP/1.1 JSON POST over a fresh loopback connection (what a second OAuth client,
+/// such as a Claude Code stand-in, sends). Returns the status and the body.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect fake oauth");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}

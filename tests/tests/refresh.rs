@@ -752,3 +752,102 @@ async fn reload_and_sighup_keep_the_old_config_when_the_new_one_is_broken() {
     assert!(ok, "SIGHUP reloaded the fixed config");
     assert_eq!(d.llmctl(&["reload"]).stdout, b"reloaded: a\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llmctl_login_reads_the_code_from_stdin_and_events_follow_rotations() {
+    let fake = FakeOAuth::start(3600).await;
+    let cfg = format!(
+        "[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\nauthorize_url = \"http://127.0.0.1:1/oauth/authorize\"\n",
+        fake.anthropic_url()
+    );
+    let d = Daemon::start(&cfg);
+    let out = d.llmctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("run llmctl login work"),
+        "{out:?}"
+    );
+    // `llmctl events` runs in the background and prints the rotation caused by the login.
+    let mut events = std::process::Command::new(llmd_tests::bin_path("llmctl"))
+        .env("LLMD_SOCKET", &d.socket)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The state comes from the authorize URL printed on stderr; the user pastes code#state.
+    let mut login = std::process::Command::new(llmd_tests::bin_path("llmctl"))
+        .env("LLMD_SOCKET", &d.socket)
+        .args(["login", "work"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = login.stderr.take().unwrap();
+    let url = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let mut acc = String::new();
+        while !acc.contains("Code: ") {
+            let n = stderr.read(&mut buf).unwrap();
+            assert!(n > 0, "llmctl login ended early: {acc}");
+            acc.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        acc
+    })
+    .await
+    .unwrap();
+    let state = url
+        .split("state=")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| c == '&' || c.is_whitespace())
+        .next()
+        .unwrap()
+        .to_owned();
+    fake.allow_code("pasted-code");
+    {
+        use std::io::Write;
+        let mut stdin = login.stdin.take().unwrap();
+        writeln!(stdin, "pasted-code#{state}").unwrap();
+    }
+    let out = login.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("work: logged in, expires in"),
+        "{out:?}"
+    );
+    let mut token = String::new();
+    for _ in 0..100 {
+        let out = d.llmctl(&["token", "work"]);
+        if out.status.success() {
+            token = String::from_utf8_lossy(&out.stdout).into_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(token, format!("{}\n", access_of(1)));
+    let status = String::from_utf8_lossy(&d.llmctl(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("expires in 59m") || status.contains("expires in 1h"),
+        "{status}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill with a pid we spawned.
+    unsafe { libc::kill(events.id() as i32, libc::SIGTERM) };
+    let _ = events.wait();
+    let mut printed = String::new();
+    use std::io::Read;
+    events
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut printed)
+        .unwrap();
+    assert!(
+        printed.contains("\"kind\":\"token.rotated\"") && printed.contains("\"profile\":\"work\""),
+        "{printed}"
+    );
+    assert!(!printed.contains("fakeaccess"), "events carry no token");
+    assert_no_secrets(&d);
+}

@@ -271,6 +271,9 @@ fn expiry(expires_at: Option<i64>, now: i64) -> String {
 fn state_text(p: &ProfileStatus, now: i64) -> String {
     match p.state {
         ProfileState::NeedsLogin => format!("needs login: run llmctl login {}", p.name),
+        ProfileState::Missing if p.auth == "oauth" || p.auth == "claude-cli" => {
+            format!("not logged in: run llmctl login {}", p.name)
+        }
         ProfileState::Missing => match &p.last_error {
             Some(e) => format!("missing: {e}"),
             None => "missing".into(),

@@ -28,14 +28,14 @@ pub fn load(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result<Secret,
     }
 }
 
-/// Reads a key file, refusing one that group or others can read.
+/// Reads a key file. One that group or others can read still works, with a warning: the
+/// key is already exposed, and refusing it would only break the user's agents.
 pub fn read_key_file(path: &Path) -> Result<Secret, String> {
     if fsutil::is_exposed(path) {
-        return Err(format!(
-            "{} is readable by group/others; run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        ));
+        tracing::warn!(
+            file = %path.display(),
+            "key file is readable by group/others; run `chmod 600` on it"
+        );
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;

@@ -183,6 +183,15 @@ mod tests {
         drop(g);
         assert!(!dir.join(".oauth_refresh.lock").exists());
         assert!(!home.path().join(".claude.lock").exists());
+        // The second lock busy: the first is released again while waiting, as Claude Code does.
+        std::fs::create_dir(home.path().join(".claude.lock")).unwrap();
+        let e = locks.acquire().await.unwrap_err();
+        assert!(e.contains(".claude.lock"), "{e}");
+        assert!(
+            !dir.join(".oauth_refresh.lock").exists(),
+            "first lock released while waiting"
+        );
+        std::fs::remove_dir(home.path().join(".claude.lock")).unwrap();
         // An abandoned lock is taken over.
         std::fs::create_dir(dir.join(".oauth_refresh.lock")).unwrap();
         let old = SystemTime::now() - Duration::from_secs(60);
