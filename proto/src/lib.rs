@@ -3,6 +3,7 @@
 //! JSON-RPC 2.0, one JSON object per `\n`-terminated line, over a Unix socket. This crate
 //! holds the shapes both sides agree on and nothing that decides how to do I/O.
 
+pub mod chat;
 pub mod codec;
 pub mod error;
 pub mod jsonrpc;

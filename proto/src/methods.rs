@@ -28,6 +28,18 @@ pub mod names {
     pub const LOGIN_FINISH: &str = "login.finish";
     /// Notification carrying an [`super::Event`].
     pub const EVENT: &str = "event";
+    /// `chat`
+    pub const CHAT: &str = "chat";
+    /// Notification carrying a [`crate::chat::ChatDelta`].
+    pub const CHAT_DELTA: &str = "chat.delta";
+    /// `embed`
+    pub const EMBED: &str = "embed";
+    /// `tools.register`
+    pub const TOOLS_REGISTER: &str = "tools.register";
+    /// `tools.list`
+    pub const TOOLS_LIST: &str = "tools.list";
+    /// `tools.remove`
+    pub const TOOLS_REMOVE: &str = "tools.remove";
 }
 
 /// `hello` params.

@@ -1,0 +1,134 @@
+//! Server-sent events: splits a byte stream into `event:`/`data:` records as they arrive.
+
+use super::{describe, ProviderError};
+use futures_util::StreamExt;
+
+/// One SSE event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Event {
+    /// The `event:` field (empty when absent).
+    pub event: String,
+    /// The `data:` lines joined with `\n`.
+    pub data: String,
+}
+
+/// Incremental SSE parser over a response body.
+pub struct SseStream {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    parser: Parser,
+}
+
+impl SseStream {
+    /// Wraps a streaming response.
+    pub fn new(resp: reqwest::Response) -> Self {
+        SseStream { body: resp.bytes_stream().boxed(), parser: Parser::default() }
+    }
+
+    /// The next event; `Ok(None)` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<Event>, ProviderError> {
+        loop {
+            if let Some(ev) = self.parser.next_event() {
+                return Ok(Some(ev));
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.parser.push(&chunk),
+                Some(Err(e)) => return Err(ProviderError::Network(format!("stream broke: {}", describe(&e)))),
+                None => return Ok(self.parser.finish()),
+            }
+        }
+    }
+}
+
+/// The byte-level parser (separate from I/O so it can be tested on any split).
+#[derive(Default)]
+pub struct Parser {
+    buf: Vec<u8>,
+    current: Event,
+    has_data: bool,
+}
+
+impl Parser {
+    /// Adds bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete event, if the buffer holds one.
+    pub fn next_event(&mut self) -> Option<Event> {
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if line.is_empty() {
+                if self.has_data || !self.current.event.is_empty() {
+                    self.has_data = false;
+                    return Some(std::mem::take(&mut self.current));
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&line);
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (&*line, ""),
+            };
+            match field {
+                "event" => self.current.event = value.to_owned(),
+                "data" => {
+                    if self.has_data {
+                        self.current.data.push('\n');
+                    }
+                    self.current.data.push_str(value);
+                    self.has_data = true;
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// An event left without its blank line at the end of the stream.
+    pub fn finish(&mut self) -> Option<Event> {
+        if !self.buf.is_empty() {
+            self.buf.push(b'\n');
+        }
+        self.buf.push(b'\n');
+        self.next_event()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_across_arbitrary_splits() {
+        let text = b"event: message_start\ndata: {\"a\":1}\n\n: ping comment\r\nevent: delta\r\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\n";
+        for split in 1..text.len() {
+            let mut p = Parser::default();
+            let mut got = Vec::new();
+            for chunk in text.chunks(split) {
+                p.push(chunk);
+                while let Some(e) = p.next_event() {
+                    got.push(e);
+                }
+            }
+            assert_eq!(got.len(), 3, "split {split}");
+            assert_eq!(got[0], Event { event: "message_start".into(), data: "{\"a\":1}".into() });
+            assert_eq!(got[1], Event { event: "delta".into(), data: "x\ny".into() });
+            assert_eq!(got[2].data, "[DONE]");
+        }
+    }
+
+    #[test]
+    fn last_event_without_blank_line() {
+        let mut p = Parser::default();
+        p.push(b"data: tail");
+        assert!(p.next_event().is_none());
+        assert_eq!(p.finish().unwrap().data, "tail");
+    }
+}
