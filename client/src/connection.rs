@@ -1,10 +1,12 @@
 //! One socket connection: a writer guarded by a lock (whole lines only) and a reader task
-//! that routes responses to waiting callers by id and notifications to listeners.
+//! that routes responses to waiting callers by id, `chat.delta` notifications to the
+//! stream of the request they name, and other notifications to listeners.
 
 use crate::error::Error;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
+use llmd_proto::methods::names;
 use llmd_proto::{Id, Incoming, LineDecoder};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-type Pending = Mutex<HashMap<i64, oneshot::Sender<Result<Box<RawValue>, Error>>>>;
+type Answer = Result<Box<RawValue>, Error>;
 
 /// A notification from the daemon (`event`, `chat.delta`).
 #[derive(Debug)]
@@ -26,11 +28,18 @@ pub struct Notification {
     pub params: Box<RawValue>,
 }
 
+/// What the reader task routes to.
+#[derive(Default)]
+struct Routes {
+    pending: Mutex<HashMap<i64, oneshot::Sender<Answer>>>,
+    streams: Mutex<HashMap<i64, mpsc::UnboundedSender<Box<RawValue>>>>,
+    listeners: Mutex<Vec<mpsc::UnboundedSender<Notification>>>,
+}
+
 pub(crate) struct Connection {
     stream: Arc<Stream>,
     write_lock: tokio::sync::Mutex<()>,
-    pending: Arc<Pending>,
-    listeners: Arc<Mutex<Vec<mpsc::UnboundedSender<Notification>>>>,
+    routes: Arc<Routes>,
     alive: Arc<AtomicBool>,
     used: AtomicBool,
     next_id: AtomicI64,
@@ -41,6 +50,10 @@ impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Connection {
@@ -62,20 +75,13 @@ impl Connection {
             },
         })?;
         let stream = Arc::new(stream);
-        let pending: Arc<Pending> = Arc::default();
-        let listeners: Arc<Mutex<Vec<mpsc::UnboundedSender<Notification>>>> = Arc::default();
+        let routes = Arc::new(Routes::default());
         let alive = Arc::new(AtomicBool::new(true));
-        let reader = tokio::spawn(read_loop(
-            stream.clone(),
-            pending.clone(),
-            listeners.clone(),
-            alive.clone(),
-        ));
+        let reader = tokio::spawn(read_loop(stream.clone(), routes.clone(), alive.clone()));
         Ok(Connection {
             stream,
             write_lock: tokio::sync::Mutex::new(()),
-            pending,
-            listeners,
+            routes,
             alive,
             used: AtomicBool::new(false),
             next_id: AtomicI64::new(1),
@@ -94,21 +100,41 @@ impl Connection {
 
     pub(crate) fn notifications(&self) -> mpsc::UnboundedReceiver<Notification> {
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.listeners).push(tx);
+        lock(&self.routes.listeners).push(tx);
         rx
     }
 
-    pub(crate) async fn call(
+    pub(crate) async fn call(&self, method: &str, params: &RawValue) -> Answer {
+        let (_, rx) = self.start(method, params, None).await?;
+        self.finish(rx).await
+    }
+
+    /// Waits for the answer of a started request.
+    pub(crate) async fn finish(&self, rx: oneshot::Receiver<Answer>) -> Answer {
+        let result = rx.await.map_err(|_| Error::Disconnected)?;
+        if result.is_ok() || matches!(result, Err(Error::Rpc(_))) {
+            self.used.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Sends a request without waiting for its answer; `chat.delta` notifications naming
+    /// its id go to `notes`.
+    pub(crate) async fn start(
         &self,
         method: &str,
         params: &RawValue,
-    ) -> Result<Box<RawValue>, Error> {
+        notes: Option<mpsc::UnboundedSender<Box<RawValue>>>,
+    ) -> Result<(i64, oneshot::Receiver<Answer>), Error> {
         if !self.is_alive() {
             return Err(Error::Disconnected);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        lock(&self.routes.pending).insert(id, tx);
+        if let Some(n) = notes {
+            lock(&self.routes.streams).insert(id, n);
+        }
         let mut line = Vec::with_capacity(64 + params.get().len());
         line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
         line.extend_from_slice(id.to_string().as_bytes());
@@ -117,40 +143,31 @@ impl Connection {
         line.extend_from_slice(b",\"params\":");
         line.extend_from_slice(params.get().as_bytes());
         line.extend_from_slice(b"}\n");
-        {
-            let _guard = self.write_lock.lock().await;
-            let mut w: &Stream = &self.stream;
-            if w.write_all(&line).await.is_err() {
-                lock(&self.pending).remove(&id);
-                self.alive.store(false, Ordering::Release);
-                return Err(Error::Disconnected);
-            }
+        let _guard = self.write_lock.lock().await;
+        let mut w: &Stream = &self.stream;
+        if w.write_all(&line).await.is_err() {
+            lock(&self.routes.pending).remove(&id);
+            self.end_stream(id);
+            self.alive.store(false, Ordering::Release);
+            return Err(Error::Disconnected);
         }
-        let result = rx.await.map_err(|_| Error::Disconnected)?;
-        if result.is_ok() || matches!(result, Err(Error::Rpc(_))) {
-            self.used.store(true, Ordering::Release);
-        }
-        result
+        Ok((id, rx))
+    }
+
+    /// Stops routing notifications for `id`.
+    pub(crate) fn end_stream(&self, id: i64) {
+        lock(&self.routes.streams).remove(&id);
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-async fn read_loop(
-    stream: Arc<Stream>,
-    pending: Arc<Pending>,
-    listeners: Arc<Mutex<Vec<mpsc::UnboundedSender<Notification>>>>,
-    alive: Arc<AtomicBool>,
-) {
+async fn read_loop(stream: Arc<Stream>, routes: Arc<Routes>, alive: Arc<AtomicBool>) {
     let mut r: &Stream = &stream;
     // Answers can be as large as the daemon allows requests to be.
     let mut dec = LineDecoder::new(llmd_proto::DEFAULT_MAX_FRAME_BYTES * 4);
     'outer: loop {
         loop {
             match dec.decode() {
-                Ok(Some(line)) => route(line, &pending, &listeners),
+                Ok(Some(line)) => route(line, &routes),
                 Ok(None) => break,
                 Err(_) => break 'outer,
             }
@@ -161,17 +178,14 @@ async fn read_loop(
         }
     }
     alive.store(false, Ordering::Release);
-    for (_, tx) in lock(&pending).drain() {
+    for (_, tx) in lock(&routes.pending).drain() {
         let _ = tx.send(Err(Error::Disconnected));
     }
-    lock(&listeners).clear();
+    lock(&routes.streams).clear();
+    lock(&routes.listeners).clear();
 }
 
-fn route(
-    line: &[u8],
-    pending: &Pending,
-    listeners: &Mutex<Vec<mpsc::UnboundedSender<Notification>>>,
-) {
+fn route(line: &[u8], routes: &Routes) {
     let Ok(msg) = serde_json::from_slice::<Incoming>(line) else {
         return;
     };
@@ -179,7 +193,19 @@ fn route(
         let params = msg
             .params
             .unwrap_or_else(|| RawValue::from_string("null".into()).unwrap_or_default());
-        let mut ls = lock(listeners);
+        if method == names::CHAT_DELTA {
+            #[derive(serde::Deserialize)]
+            struct Tagged {
+                id: Id,
+            }
+            if let Ok(Tagged { id: Id::Num(id) }) = serde_json::from_str::<Tagged>(params.get()) {
+                if let Some(tx) = lock(&routes.streams).get(&id) {
+                    let _ = tx.send(params);
+                    return;
+                }
+            }
+        }
+        let mut ls = lock(&routes.listeners);
         ls.retain(|l| !l.is_closed());
         for l in ls.iter() {
             let _ = l.send(Notification {
@@ -190,12 +216,12 @@ fn route(
         return;
     }
     let Some(Id::Num(id)) = msg.id else {
-        // An error about a line the daemon could not attribute (id null): nobody to give
-        // it to but we must not lose it silently when there is exactly one waiter.
+        // An error the daemon could not attribute (id null): with exactly one waiter it is
+        // that caller's, and it must not be lost.
         if let Some(err) = msg.error {
-            let mut p = lock(pending);
+            let mut p = lock(&routes.pending);
             if p.len() == 1 {
-                let key = *p.keys().next().unwrap_or(&0);
+                let key = p.keys().next().copied().unwrap_or(0);
                 if let Some(tx) = p.remove(&key) {
                     let _ = tx.send(Err(Error::Rpc(err)));
                 }
@@ -203,7 +229,8 @@ fn route(
         }
         return;
     };
-    let Some(tx) = lock(pending).remove(&id) else {
+    lock(&routes.streams).remove(&id);
+    let Some(tx) = lock(&routes.pending).remove(&id) else {
         return;
     };
     let answer = match (msg.result, msg.error) {

@@ -12,9 +12,11 @@
 //! # Ok(()) }
 //! ```
 
+mod chat;
 mod connection;
 mod error;
 
+pub use chat::{ChatEvent, ChatStream};
 pub use connection::Notification;
 pub use error::Error;
 pub use llmd_proto as proto;
@@ -60,7 +62,7 @@ impl Client {
         &self.path
     }
 
-    async fn connection(&self) -> Result<Arc<Connection>, Error> {
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>, Error> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.is_alive() {

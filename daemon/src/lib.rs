@@ -5,6 +5,7 @@
 //! use the shared [`state::Daemon`]. Credentials live in [`credentials`] (one module per
 //! auth kind), token endpoints in [`oauth`], and the refresh rules in [`refresh`] alone.
 
+pub mod chat;
 pub mod config;
 pub mod credentials;
 pub mod fsutil;

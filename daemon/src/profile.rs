@@ -6,12 +6,14 @@ use crate::credentials::{
     self, api_key, bundle::BundleFile, claude_cli::CredentialsFile, setup_token, store, Source,
 };
 use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, Upstream};
+use crate::ratelimit::RateLimiter;
 use crate::refresh::{LoginHandle, LoginSpec};
 use crate::secret::Secret;
-use llmd_proto::methods::{Event, ProfileState, ProfileStatus, TokenResult};
+use llmd_proto::methods::{Event, Limits, ProfileState, ProfileStatus, TokenResult};
 use llmd_proto::{ErrorKind, RpcError};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -39,6 +41,8 @@ pub struct Profile {
     pub config: ProfileConfig,
     /// Its credential.
     pub credential: Credential,
+    /// Shared rate limits of its chat traffic.
+    pub limiter: Arc<RateLimiter>,
 }
 
 /// Shared services a profile needs when it is built.
@@ -95,6 +99,7 @@ impl Profile {
             name: name.to_owned(),
             config: cfg.clone(),
             credential,
+            limiter: Arc::new(RateLimiter::new(cfg.rate_limit.as_ref())),
         }
     }
 
@@ -142,6 +147,7 @@ impl Profile {
             last_refresh_at: None,
             refresh_count: 0,
             last_error: None,
+            limits: None,
         };
         match &self.credential {
             Credential::Static(Ok(_)) => {}
@@ -158,7 +164,23 @@ impl Profile {
                 s.last_error = snap.last_error.clone();
             }
         }
+        let l = self.limiter.status();
+        s.limits = Some(Limits {
+            queued: l.queued,
+            in_flight: l.in_flight,
+            remaining_requests: l.remaining_requests,
+            remaining_tokens: l.remaining_tokens,
+            paused_for_ms: l.paused_for_ms,
+        });
         s
+    }
+
+    /// The API base URL (the provider default unless the profile overrides it).
+    pub fn base_url(&self) -> &str {
+        self.config
+            .base_url
+            .as_deref()
+            .unwrap_or_else(|| crate::providers::default_base_url(self.config.provider))
     }
 
     /// The login task, for OAuth profiles.

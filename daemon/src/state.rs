@@ -4,6 +4,7 @@
 use crate::config::{self, Config, ConfigSource};
 use crate::oauth::anthropic::PendingLogin;
 use crate::profile::{Env, Profile};
+use crate::tools::ToolRegistry;
 use crate::watch::Watcher;
 use llmd_proto::methods::Event;
 use llmd_proto::RpcError;
@@ -42,6 +43,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// Logins between `login.start` and `login.finish`, by profile.
     pub pending_logins: Mutex<HashMap<String, PendingLogin>>,
+    /// Registered tools.
+    pub tools: ToolRegistry,
     config_path: PathBuf,
     config_explicit: bool,
     registry: RwLock<Arc<Registry>>,
@@ -76,6 +79,7 @@ impl Daemon {
             http,
             shutdown: CancellationToken::new(),
             pending_logins: Mutex::new(HashMap::new()),
+            tools: ToolRegistry::default(),
             config_path,
             config_explicit,
             registry: RwLock::new(Arc::new(empty)),
@@ -150,7 +154,18 @@ impl Daemon {
                     }
                     p.clone()
                 }
-                None => Arc::new(Profile::build(name, cfg, &env)),
+                None => {
+                    let mut fresh = Profile::build(name, cfg, &env);
+                    // Limits belong to the traffic, not to the credential: keep the running
+                    // limiter when its settings did not change.
+                    if let Some(old) = reuse
+                        .get(name)
+                        .filter(|p| p.config.rate_limit == cfg.rate_limit)
+                    {
+                        fresh.limiter = old.limiter.clone();
+                    }
+                    Arc::new(fresh)
+                }
             };
             profiles.insert(name.clone(), profile);
         }

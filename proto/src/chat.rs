@@ -86,7 +86,10 @@ impl Content {
     /// The content as blocks (plain text becomes one text block).
     pub fn blocks(&self) -> Vec<Block> {
         match self {
-            Content::Text(t) => vec![Block::Text { text: t.clone(), cache: None }],
+            Content::Text(t) => vec![Block::Text {
+                text: t.clone(),
+                cache: None,
+            }],
             Content::Blocks(b) => b.clone(),
         }
     }
@@ -382,24 +385,47 @@ mod tests {
         .unwrap();
         assert_eq!(r.tools[0], ToolRef::Named("registered".into()));
         assert!(matches!(r.tools[1], ToolRef::Inline(_)));
-        assert_eq!(r.tool_choice, Some(ToolChoice::Named { name: "inline".into() }));
+        assert_eq!(
+            r.tool_choice,
+            Some(ToolChoice::Named {
+                name: "inline".into()
+            })
+        );
         let blocks = r.messages[2].content.blocks();
-        assert!(matches!(blocks[1], Block::Text { cache: Some(CacheTtl::FiveMinutes), .. }));
+        assert!(matches!(
+            blocks[1],
+            Block::Text {
+                cache: Some(CacheTtl::FiveMinutes),
+                ..
+            }
+        ));
         let mode: ToolChoice = serde_json::from_value(json!("any")).unwrap();
         assert_eq!(mode, ToolChoice::Mode(ToolMode::Any));
     }
 
     #[test]
     fn unknown_block_fields_are_rejected() {
-        let e = serde_json::from_value::<Block>(json!({"type": "text", "text": "x", "cahce": "5m"})).unwrap_err();
+        let e =
+            serde_json::from_value::<Block>(json!({"type": "text", "text": "x", "cahce": "5m"}))
+                .unwrap_err();
         assert!(e.to_string().contains("cahce"), "{e}");
     }
 
     #[test]
     fn delta_shapes() {
-        let d = Delta::ToolInput { index: 1, partial_json: "{\"a\"".into() };
-        assert_eq!(serde_json::to_value(&d).unwrap(), json!({"type": "tool_input", "index": 1, "partial_json": "{\"a\""}));
-        let u = Delta::Usage(Usage { input_tokens: 3, output_tokens: 4, ..Default::default() });
+        let d = Delta::ToolInput {
+            index: 1,
+            partial_json: "{\"a\"".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            json!({"type": "tool_input", "index": 1, "partial_json": "{\"a\""})
+        );
+        let u = Delta::Usage(Usage {
+            input_tokens: 3,
+            output_tokens: 4,
+            ..Default::default()
+        });
         assert_eq!(serde_json::to_value(&u).unwrap()["type"], "usage");
     }
 }

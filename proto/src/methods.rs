@@ -110,6 +110,27 @@ pub struct ProfileStatus {
     pub refresh_count: u64,
     /// Last error, free of secrets.
     pub last_error: Option<String>,
+    /// Shared rate-limit state of the profile's chat traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// Queue and remaining budget of a profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Requests waiting for a slot.
+    pub queued: u64,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Requests left this minute, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_requests: Option<u64>,
+    /// Tokens left this minute, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_tokens: Option<u64>,
+    /// Milliseconds until a provider-imposed pause ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_for_ms: Option<u64>,
 }
 
 /// `status` result.

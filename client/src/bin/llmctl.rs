@@ -1,8 +1,11 @@
 //! `llmctl`: command-line client of llmd.
 
 use clap::{CommandFactory, Parser, Subcommand};
-use llmd_client::proto::methods::{ProfileState, ProfileStatus};
-use llmd_client::{Client, Error};
+use llmd_client::proto::chat::{
+    Block, ChatRequest, Content, Delta, Message, Role, ToolDef, ToolList, ToolName, ToolRef,
+};
+use llmd_client::proto::methods::{names, Empty, ProfileState, ProfileStatus};
+use llmd_client::{ChatEvent, Client, Error};
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +68,33 @@ enum Cmd {
     },
     /// Follow token and state events until interrupted.
     Events,
+    /// Send a chat request and stream the reply.
+    Chat {
+        /// Profile name.
+        profile: String,
+        /// Model (default: the profile's default_model).
+        #[arg(short = 'm', long)]
+        model: Option<String>,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// A tool definition file ({name, description, input_schema}); repeatable.
+        #[arg(long = "tool", value_name = "FILE.json")]
+        tools: Vec<PathBuf>,
+        /// Output token limit.
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Print the whole response as JSON instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        /// The prompt (read from stdin when absent).
+        prompt: Option<String>,
+    },
+    /// Manage the daemon's tool registry.
+    Tools {
+        #[command(subcommand)]
+        cmd: ToolsCmd,
+    },
     /// Measure round trips to the daemon.
     Ping {
         /// Number of round trips.
@@ -75,6 +105,22 @@ enum Cmd {
     Completions {
         /// Shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCmd {
+    /// Register a tool from a JSON file ({name, description, input_schema}).
+    Add {
+        /// Definition file.
+        file: PathBuf,
+    },
+    /// List registered tools.
+    List,
+    /// Remove a tool.
+    Rm {
+        /// Tool name.
+        name: String,
     },
 }
 
@@ -234,7 +280,142 @@ async fn run(cli: Cli) -> Result<(), String> {
                 micros(pct(0.99))
             );
         }
+        Cmd::Chat {
+            profile,
+            model,
+            system,
+            tools,
+            max_tokens,
+            json,
+            prompt,
+        } => {
+            let prompt = match prompt {
+                Some(p) => p,
+                None => {
+                    let mut text = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
+                    text
+                }
+            };
+            if prompt.trim().is_empty() {
+                return Err("empty prompt: pass it as an argument or on stdin".into());
+            }
+            let mut defs = Vec::new();
+            for file in &tools {
+                defs.push(ToolRef::Inline(read_tool(file)?));
+            }
+            let request = ChatRequest {
+                model,
+                system: system.map(Content::Text),
+                max_tokens,
+                messages: vec![Message {
+                    role: Role::User,
+                    content: Content::Text(prompt),
+                }],
+                tools: defs,
+                ..Default::default()
+            };
+            if json {
+                let resp = client.chat(&profile, request).await.map_err(describe)?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&resp).map_err(|e| e.to_string())?
+                );
+                return Ok(());
+            }
+            stream_chat(&client, &profile, request).await?;
+        }
+        Cmd::Tools { cmd } => match cmd {
+            ToolsCmd::Add { file } => {
+                let def = read_tool(&file)?;
+                let name = def.name.clone();
+                client
+                    .call::<_, Empty>(names::TOOLS_REGISTER, &def)
+                    .await
+                    .map_err(describe)?;
+                println!("registered {name}");
+            }
+            ToolsCmd::List => {
+                let list: ToolList = client
+                    .call(names::TOOLS_LIST, &Empty {})
+                    .await
+                    .map_err(describe)?;
+                for t in list.tools {
+                    println!("{}\t{}", t.name, t.description);
+                }
+            }
+            ToolsCmd::Rm { name } => {
+                client
+                    .call::<_, Empty>(names::TOOLS_REMOVE, &ToolName { name: name.clone() })
+                    .await
+                    .map_err(describe)?;
+                println!("removed {name}");
+            }
+        },
         Cmd::Completions { .. } => {}
+    }
+    Ok(())
+}
+
+fn read_tool(file: &std::path::Path) -> Result<ToolDef, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not a tool definition ({{name, description, input_schema}}): {e}",
+            file.display()
+        )
+    })
+}
+
+/// Prints text as it arrives, tool calls as `[tool_use NAME {json}]`, reasoning on stderr.
+async fn stream_chat(client: &Client, profile: &str, request: ChatRequest) -> Result<(), String> {
+    let mut stream = client
+        .chat_stream(profile, request)
+        .await
+        .map_err(describe)?;
+    let mut out = std::io::stdout();
+    let mut in_tool = std::collections::BTreeSet::new();
+    while let Some(event) = stream.next_event().await {
+        match event.map_err(describe)? {
+            ChatEvent::Delta(Delta::Text { text }) => {
+                let _ = write!(out, "{text}");
+                let _ = out.flush();
+            }
+            ChatEvent::Delta(Delta::Thinking { text }) => eprint!("{text}"),
+            ChatEvent::Delta(Delta::ToolUseStart { index, name, .. }) => {
+                in_tool.insert(index);
+                let _ = write!(out, "\n[tool_use {name} ");
+                let _ = out.flush();
+            }
+            ChatEvent::Delta(Delta::ToolInput { partial_json, .. }) => {
+                let _ = write!(out, "{partial_json}");
+                let _ = out.flush();
+            }
+            ChatEvent::Delta(Delta::BlockStop { index }) => {
+                if in_tool.remove(&index) {
+                    let _ = write!(out, "]");
+                }
+            }
+            ChatEvent::Delta(Delta::Usage(_)) => {}
+            ChatEvent::Done(resp) => {
+                let _ = writeln!(out);
+                for block in &resp.content {
+                    if let Block::ToolUse {
+                        name,
+                        validation_errors: Some(errs),
+                        ..
+                    } = block
+                    {
+                        for e in errs {
+                            eprintln!("llmctl: tool call `{name}` does not match its schema: {e}");
+                        }
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -351,6 +532,7 @@ mod tests {
             last_refresh_at: None,
             refresh_count: 0,
             last_error: None,
+            limits: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! serialized result, so the connection code knows nothing about methods.
 
 pub mod cancel;
+pub mod chat;
 pub mod credentials;
 pub mod hello;
 pub mod login;
@@ -9,6 +10,7 @@ pub mod reload;
 pub mod status;
 pub mod subscribe;
 pub mod token;
+pub mod tools;
 
 use crate::server::connection::Conn;
 use crate::state::Daemon;
@@ -33,7 +35,7 @@ pub type Reply = Result<Box<RawValue>, RpcError>;
 /// Runs the handler of `method`.
 pub async fn dispatch(
     ctx: &Ctx,
-    _id: Option<&Id>,
+    id: Option<&Id>,
     method: &str,
     params: Option<&RawValue>,
 ) -> Reply {
@@ -47,6 +49,10 @@ pub async fn dispatch(
         names::CREDENTIALS_SET => credentials::set(ctx, params),
         names::LOGIN_START => login::start(ctx, params),
         names::LOGIN_FINISH => login::finish(ctx, params).await,
+        names::CHAT => chat::chat(ctx, id, params).await,
+        names::TOOLS_REGISTER => tools::register(ctx, params),
+        names::TOOLS_LIST => tools::list(ctx, params),
+        names::TOOLS_REMOVE => tools::remove(ctx, params),
         other => Err(RpcError::new(
             ErrorKind::MethodNotFound,
             format!("no method `{other}`"),

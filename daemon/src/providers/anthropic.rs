@@ -2,7 +2,9 @@
 
 use super::sse::SseStream;
 use super::{json_body, merge_options, post, Call, ProviderError};
-use llmd_proto::chat::{Block, CacheTtl, ChatResponse, Content, Delta, StopReason, ToolChoice, ToolMode, Usage};
+use llmd_proto::chat::{
+    Block, CacheTtl, ChatResponse, Content, Delta, StopReason, ToolChoice, ToolMode, Usage,
+};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
@@ -17,7 +19,10 @@ pub async fn chat(call: &Call<'_>) -> Result<ChatResponse, ProviderError> {
     let url = format!("{}/v1/messages", call.base_url.trim_end_matches('/'));
     let mut headers = call.headers.clone();
     headers.insert("anthropic-version".into(), API_VERSION.into());
-    let call = Call { headers: &headers, ..*call };
+    let call = Call {
+        headers: &headers,
+        ..*call
+    };
     let resp = post(&call, &url, &body).await?;
     match call.stream {
         None => parse_response(&json_body(resp, "Anthropic").await?),
@@ -44,8 +49,14 @@ fn block_json(b: &Block) -> Value {
         Block::Image { media_type, data } => {
             json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}})
         }
-        Block::ToolUse { id, name, input, .. } => json!({"type": "tool_use", "id": id, "name": name, "input": input}),
-        Block::ToolResult { tool_use_id, content, is_error } => {
+        Block::ToolUse {
+            id, name, input, ..
+        } => json!({"type": "tool_use", "id": id, "name": name, "input": input}),
+        Block::ToolResult {
+            tool_use_id,
+            content,
+            is_error,
+        } => {
             let content = match content {
                 Content::Text(t) => Value::String(t.clone()),
                 Content::Blocks(bs) => Value::Array(bs.iter().map(block_json).collect()),
@@ -64,10 +75,15 @@ pub fn request_body(call: &Call<'_>) -> Value {
     let mut body = Map::new();
     body.insert("model".into(), call.model.into());
     let budget = r.thinking.map(|t| t.budget_tokens).unwrap_or(0);
-    let max = r.max_tokens.unwrap_or_else(|| DEFAULT_MAX_TOKENS.max(budget + 1024));
+    let max = r
+        .max_tokens
+        .unwrap_or_else(|| DEFAULT_MAX_TOKENS.max(budget + 1024));
     body.insert("max_tokens".into(), max.into());
     if let Some(system) = &r.system {
-        body.insert("system".into(), Value::Array(system.blocks().iter().map(block_json).collect()));
+        body.insert(
+            "system".into(),
+            Value::Array(system.blocks().iter().map(block_json).collect()),
+        );
     }
     let messages: Vec<Value> = r
         .messages
@@ -99,7 +115,10 @@ pub fn request_body(call: &Call<'_>) -> Value {
         body.insert("tool_choice".into(), c);
     }
     if let Some(t) = r.thinking {
-        body.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": t.budget_tokens}));
+        body.insert(
+            "thinking".into(),
+            json!({"type": "enabled", "budget_tokens": t.budget_tokens}),
+        );
     }
     if call.stream.is_some() {
         body.insert("stream".into(), true.into());
@@ -138,14 +157,21 @@ fn usage(u: &Value, into: &mut Usage) {
 fn content_block(v: &Value) -> Result<Option<Block>, ProviderError> {
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
     Ok(match v.get("type").and_then(Value::as_str) {
-        Some("text") => Some(Block::Text { text: s("text").unwrap_or_default(), cache: None }),
+        Some("text") => Some(Block::Text {
+            text: s("text").unwrap_or_default(),
+            cache: None,
+        }),
         Some("tool_use") => Some(Block::ToolUse {
             id: s("id").ok_or_else(|| ProviderError::Protocol("tool_use without id".into()))?,
-            name: s("name").ok_or_else(|| ProviderError::Protocol("tool_use without name".into()))?,
+            name: s("name")
+                .ok_or_else(|| ProviderError::Protocol("tool_use without name".into()))?,
             input: v.get("input").cloned().unwrap_or_else(|| json!({})),
             validation_errors: None,
         }),
-        Some("thinking") => Some(Block::Thinking { text: s("thinking").unwrap_or_default(), signature: s("signature") }),
+        Some("thinking") => Some(Block::Thinking {
+            text: s("thinking").unwrap_or_default(),
+            signature: s("signature"),
+        }),
         // Server-side blocks (redacted thinking, server tools) have no neutral shape.
         _ => None,
     })
@@ -168,8 +194,16 @@ pub fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
         usage(x, &mut u);
     }
     Ok(ChatResponse {
-        id: v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
-        model: v.get("model").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        id: v
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        model: v
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
         content: blocks,
         stop_reason: stop_reason(v.get("stop_reason").and_then(Value::as_str)),
         usage: u,
@@ -177,8 +211,17 @@ pub fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(mut events: SseStream, sink: &dyn super::DeltaSink) -> Result<ChatResponse, ProviderError> {
-    let mut resp = ChatResponse { id: String::new(), model: String::new(), content: Vec::new(), stop_reason: StopReason::Other, usage: Usage::default() };
+async fn stream(
+    mut events: SseStream,
+    sink: &dyn super::DeltaSink,
+) -> Result<ChatResponse, ProviderError> {
+    let mut resp = ChatResponse {
+        id: String::new(),
+        model: String::new(),
+        content: Vec::new(),
+        stop_reason: StopReason::Other,
+        usage: Usage::default(),
+    };
     // Provider index -> (block, accumulated tool JSON).
     let mut open: BTreeMap<usize, (Block, String)> = BTreeMap::new();
     let mut done: BTreeMap<usize, Block> = BTreeMap::new();
@@ -189,36 +232,67 @@ async fn stream(mut events: SseStream, sink: &dyn super::DeltaSink) -> Result<Ch
         }
         let v: Value = serde_json::from_str(&ev.data)
             .map_err(|e| ProviderError::Protocol(format!("malformed `{}` event: {e}", ev.event)))?;
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or(ev.event.as_str()).to_owned();
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or(ev.event.as_str())
+            .to_owned();
         let index = v.get("index").and_then(Value::as_u64).map(|i| i as usize);
-        let forward = |d: Delta| if sink.send(d) { Ok(()) } else { Err(ProviderError::Cancelled) };
+        let forward = |d: Delta| {
+            if sink.send(d) {
+                Ok(())
+            } else {
+                Err(ProviderError::Cancelled)
+            }
+        };
         match kind.as_str() {
             "message_start" => {
                 let m = v.get("message").cloned().unwrap_or_default();
-                resp.id = m.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
-                resp.model = m.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+                resp.id = m
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                resp.model = m
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
                 if let Some(u) = m.get("usage") {
                     usage(u, &mut resp.usage);
                 }
             }
             "content_block_start" => {
-                let i = index.ok_or_else(|| ProviderError::Protocol("content_block_start without index".into()))?;
+                let i = index.ok_or_else(|| {
+                    ProviderError::Protocol("content_block_start without index".into())
+                })?;
                 let cb = v.get("content_block").cloned().unwrap_or_default();
                 if let Some(block) = content_block(&cb)? {
                     if let Block::ToolUse { id, name, .. } = &block {
-                        forward(Delta::ToolUseStart { index: i, id: id.clone(), name: name.clone() })?;
+                        forward(Delta::ToolUseStart {
+                            index: i,
+                            id: id.clone(),
+                            name: name.clone(),
+                        })?;
                     }
                     open.insert(i, (block, String::new()));
                 }
             }
             "content_block_delta" => {
-                let i = index.ok_or_else(|| ProviderError::Protocol("content_block_delta without index".into()))?;
+                let i = index.ok_or_else(|| {
+                    ProviderError::Protocol("content_block_delta without index".into())
+                })?;
                 let d = v.get("delta").cloned().unwrap_or_default();
                 let Some((block, json_acc)) = open.get_mut(&i) else {
                     // A delta for a block type we do not model.
                     continue;
                 };
-                let text = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+                let text = |k: &str| {
+                    d.get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
                 match (d.get("type").and_then(Value::as_str), block) {
                     (Some("text_delta"), Block::Text { text: t, .. }) => {
                         let piece = text("text");
@@ -231,25 +305,36 @@ async fn stream(mut events: SseStream, sink: &dyn super::DeltaSink) -> Result<Ch
                         forward(Delta::Thinking { text: piece })?;
                     }
                     (Some("signature_delta"), Block::Thinking { signature, .. }) => {
-                        signature.get_or_insert_with(String::new).push_str(&text("signature"));
+                        signature
+                            .get_or_insert_with(String::new)
+                            .push_str(&text("signature"));
                     }
                     (Some("input_json_delta"), Block::ToolUse { .. }) => {
                         let piece = text("partial_json");
                         json_acc.push_str(&piece);
-                        forward(Delta::ToolInput { index: i, partial_json: piece })?;
+                        forward(Delta::ToolInput {
+                            index: i,
+                            partial_json: piece,
+                        })?;
                     }
                     (t, _) => {
-                        return Err(ProviderError::Protocol(format!("unexpected delta {t:?} for block {i}")));
+                        return Err(ProviderError::Protocol(format!(
+                            "unexpected delta {t:?} for block {i}"
+                        )));
                     }
                 }
             }
             "content_block_stop" => {
-                let i = index.ok_or_else(|| ProviderError::Protocol("content_block_stop without index".into()))?;
+                let i = index.ok_or_else(|| {
+                    ProviderError::Protocol("content_block_stop without index".into())
+                })?;
                 if let Some((mut block, json_acc)) = open.remove(&i) {
                     if let Block::ToolUse { input, .. } = &mut block {
                         if !json_acc.trim().is_empty() {
                             *input = serde_json::from_str(&json_acc).map_err(|e| {
-                                ProviderError::Protocol(format!("tool call arguments of block {i} are not JSON: {e}"))
+                                ProviderError::Protocol(format!(
+                                    "tool call arguments of block {i} are not JSON: {e}"
+                                ))
                             })?;
                         }
                     }
@@ -274,15 +359,25 @@ async fn stream(mut events: SseStream, sink: &dyn super::DeltaSink) -> Result<Ch
             "error" => {
                 let e = v.get("error").cloned().unwrap_or_default();
                 return Err(ProviderError::Stream {
-                    kind: e.get("type").and_then(Value::as_str).unwrap_or("error").to_owned(),
-                    message: e.get("message").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                    kind: e
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("error")
+                        .to_owned(),
+                    message: e
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
                 });
             }
             other => tracing::debug!(event = other, "ignoring unknown Anthropic stream event"),
         }
     }
     if !stopped {
-        return Err(ProviderError::Protocol("stream ended before message_stop".into()));
+        return Err(ProviderError::Protocol(
+            "stream ended before message_stop".into(),
+        ));
     }
     resp.content = done.into_values().collect();
     Ok(resp)

@@ -21,7 +21,10 @@ pub struct SseStream {
 impl SseStream {
     /// Wraps a streaming response.
     pub fn new(resp: reqwest::Response) -> Self {
-        SseStream { body: resp.bytes_stream().boxed(), parser: Parser::default() }
+        SseStream {
+            body: resp.bytes_stream().boxed(),
+            parser: Parser::default(),
+        }
     }
 
     /// The next event; `Ok(None)` at the end of the stream.
@@ -32,7 +35,12 @@ impl SseStream {
             }
             match self.body.next().await {
                 Some(Ok(chunk)) => self.parser.push(&chunk),
-                Some(Err(e)) => return Err(ProviderError::Network(format!("stream broke: {}", describe(&e)))),
+                Some(Err(e)) => {
+                    return Err(ProviderError::Network(format!(
+                        "stream broke: {}",
+                        describe(&e)
+                    )))
+                }
                 None => return Ok(self.parser.finish()),
             }
         }
@@ -118,8 +126,20 @@ mod tests {
                 }
             }
             assert_eq!(got.len(), 3, "split {split}");
-            assert_eq!(got[0], Event { event: "message_start".into(), data: "{\"a\":1}".into() });
-            assert_eq!(got[1], Event { event: "delta".into(), data: "x\ny".into() });
+            assert_eq!(
+                got[0],
+                Event {
+                    event: "message_start".into(),
+                    data: "{\"a\":1}".into()
+                }
+            );
+            assert_eq!(
+                got[1],
+                Event {
+                    event: "delta".into(),
+                    data: "x\ny".into()
+                }
+            );
             assert_eq!(got[2].data, "[DONE]");
         }
     }

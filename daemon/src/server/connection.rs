@@ -122,13 +122,55 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
             _ = daemon.shutdown.cancelled() => break 'read,
         };
         match n {
-            Ok(0) | Err(_) => break 'read,
+            Ok(0) => {
+                hangup_watch(&stream, &conn);
+                break 'read;
+            }
+            Err(_) => {
+                conn.abort_all();
+                break 'read;
+            }
             Ok(_) => {}
         }
     }
     conn.closing.cancel();
     drop(conn);
     let _ = writer.await;
+}
+
+/// After EOF the client may only have shut its sending side (answers still wanted) or be
+/// gone entirely. A gone peer makes the socket report write-closed: then in-flight
+/// requests are aborted so their upstream calls stop too.
+fn hangup_watch(stream: &Arc<Stream>, conn: &Arc<Conn>) {
+    let stream = stream.clone();
+    let conn = Arc::downgrade(conn);
+    tokio::spawn(async move {
+        loop {
+            let Some(c) = conn.upgrade() else { return };
+            let gone = c.gone.clone();
+            drop(c);
+            let Stream::UdSocket(uds) = &*stream;
+            let ready = tokio::select! {
+                r = uds.inner().ready(tokio::io::Interest::WRITABLE) => r,
+                _ = gone.cancelled() => return,
+            };
+            match ready {
+                Ok(r) if r.is_write_closed() || r.is_error() => {
+                    if let Some(c) = conn.upgrade() {
+                        c.gone.cancel();
+                        c.abort_all();
+                    }
+                    return;
+                }
+                Ok(_) => {
+                    // Writable and open: the client is still there. Look again later; a
+                    // sleep keeps this from spinning on a level-triggered ready state.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8]) {

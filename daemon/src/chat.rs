@@ -1,0 +1,269 @@
+//! Running one chat request for a profile: tools resolved, the profile's shared limits
+//! respected, auth from the credential store, and the retry rules of DESIGN.md
+//! ("Rate limits and retries") applied around the provider call.
+
+use crate::config::AuthKind;
+use crate::profile::Profile;
+use crate::providers::{self, Call, DeltaSink, ProviderError};
+use crate::state::Daemon;
+use crate::tools::Tool;
+use llmd_proto::chat::{Block, ChatRequest, ChatResponse, Content, ToolDef, ToolRef};
+use llmd_proto::{ErrorKind, RpcError};
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Retries of 429 and 529/overloaded answers.
+const MAX_OVERLOAD_RETRIES: u32 = 4;
+/// Retries of other 5xx answers and network failures.
+const MAX_SERVER_RETRIES: u32 = 3;
+/// Anthropic accepts at most this many cache breakpoints.
+const MAX_CACHE_BREAKPOINTS: usize = 4;
+/// A token handed to a provider call must outlive a slow request.
+const MIN_TOKEN_VALIDITY_SECS: u64 = 60;
+
+/// Forwards deltas and remembers whether any reached the client, after which nothing may
+/// be retried.
+pub struct TrackedSink<'a> {
+    inner: &'a dyn DeltaSink,
+    started: AtomicBool,
+}
+
+impl<'a> TrackedSink<'a> {
+    /// Wraps a sink.
+    pub fn new(inner: &'a dyn DeltaSink) -> Self {
+        TrackedSink {
+            inner,
+            started: AtomicBool::new(false),
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
+impl DeltaSink for TrackedSink<'_> {
+    fn send(&self, delta: llmd_proto::chat::Delta) -> bool {
+        self.started.store(true, Ordering::Relaxed);
+        self.inner.send(delta)
+    }
+}
+
+/// Runs `req` on `profile`, streaming deltas to `sink` when given.
+pub async fn execute(
+    daemon: &Daemon,
+    profile: &Profile,
+    req: &ChatRequest,
+    sink: Option<&dyn DeltaSink>,
+) -> Result<ChatResponse, RpcError> {
+    let tools = resolve_tools(daemon, &req.tools)?;
+    check_request(req)?;
+    let model = req
+        .model
+        .clone()
+        .or_else(|| profile.config.default_model.clone())
+        .ok_or_else(|| {
+            RpcError::invalid_params(format!(
+                "`request.model` is missing and profile `{}` has no `default_model`",
+                profile.name
+            ))
+        })?;
+    let defs: Vec<ToolDef> = tools.iter().map(|t| t.def.clone()).collect();
+    let estimate = estimate_tokens(req);
+    let tracked = sink.map(TrackedSink::new);
+    let (mut overloads, mut server_errors, mut refreshed) = (0u32, 0u32, false);
+    loop {
+        let permit = profile.limiter.acquire(estimate).await;
+        let token = profile.token(MIN_TOKEN_VALIDITY_SECS, false).await?;
+        let call = Call {
+            http: &daemon.http,
+            base_url: profile.base_url(),
+            model: &model,
+            headers: &token.headers,
+            request: req,
+            tools: &defs,
+            stream: tracked.as_ref().map(|t| t as &dyn DeltaSink),
+        };
+        let err = match providers::chat(profile.config.provider, &call).await {
+            Ok(mut resp) => {
+                let u = resp.usage;
+                permit.settle(
+                    u.input_tokens + u.output_tokens + u.cache_read_tokens + u.cache_write_tokens,
+                );
+                validate_tool_calls(&mut resp, &tools);
+                return Ok(resp);
+            }
+            Err(e) => e,
+        };
+        drop(permit);
+        if let ProviderError::Http { headers, .. } = &err {
+            profile.limiter.observe(headers);
+        }
+        if tracked.as_ref().is_some_and(|t| t.started()) {
+            return Err(to_rpc(err));
+        }
+        let status = match &err {
+            ProviderError::Http { status, .. } => *status,
+            _ => 0,
+        };
+        let overloaded = status == 429
+            || status == 529
+            || matches!(&err, ProviderError::Stream { kind, .. } if kind == "overloaded_error");
+        if status == 401
+            && !refreshed
+            && matches!(profile.config.auth, AuthKind::Oauth | AuthKind::ClaudeCli)
+        {
+            tracing::info!(profile = %profile.name, "provider answered 401; forcing a refresh and retrying once");
+            refreshed = true;
+            profile.token(0, true).await?;
+            continue;
+        }
+        if overloaded && overloads < MAX_OVERLOAD_RETRIES {
+            overloads += 1;
+            let wait = err.retry_after().unwrap_or_else(|| backoff(overloads));
+            tracing::warn!(profile = %profile.name, status, wait_ms = wait.as_millis() as u64, "provider overloaded; waiting");
+            if status == 429 {
+                // Everyone on this profile waits, not just this request.
+                profile.limiter.pause(wait);
+            } else {
+                tokio::time::sleep(wait).await;
+            }
+            continue;
+        }
+        let transient = (500..600).contains(&status) || matches!(err, ProviderError::Network(_));
+        if transient && !overloaded && server_errors < MAX_SERVER_RETRIES {
+            server_errors += 1;
+            tokio::time::sleep(backoff(server_errors)).await;
+            continue;
+        }
+        return Err(to_rpc(err));
+    }
+}
+
+/// Registered tools by name, inline ones compiled here.
+fn resolve_tools(daemon: &Daemon, refs: &[ToolRef]) -> Result<Vec<Arc<Tool>>, RpcError> {
+    let mut out: Vec<Arc<Tool>> = Vec::with_capacity(refs.len());
+    for r in refs {
+        let tool = match r {
+            ToolRef::Named(name) => daemon.tools.get(name).ok_or_else(|| {
+                RpcError::invalid_params(format!(
+                    "`request.tools`: no tool `{name}` is registered (see tools.list)"
+                ))
+            })?,
+            ToolRef::Inline(def) => Arc::new(Tool::compile(def.clone()).map_err(|e| {
+                RpcError::invalid_params(format!("`request.tools`: tool `{}`: {e}", def.name))
+            })?),
+        };
+        if out.iter().any(|t| t.def.name == tool.def.name) {
+            return Err(RpcError::invalid_params(format!(
+                "`request.tools`: `{}` is given twice",
+                tool.def.name
+            )));
+        }
+        out.push(tool);
+    }
+    Ok(out)
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(1 << attempt.min(6));
+    base + Duration::from_millis(rand::random::<u64>() % (base.as_millis() as u64 / 2 + 1))
+}
+
+fn check_request(req: &ChatRequest) -> Result<(), RpcError> {
+    if req.messages.is_empty() {
+        return Err(RpcError::invalid_params("`request.messages` is empty"));
+    }
+    let count = |c: &Content| match c {
+        Content::Text(_) => 0,
+        Content::Blocks(bs) => bs
+            .iter()
+            .filter(|b| matches!(b, Block::Text { cache: Some(_), .. }))
+            .count(),
+    };
+    let marks = req.system.as_ref().map_or(0, count)
+        + req
+            .messages
+            .iter()
+            .map(|m| count(&m.content))
+            .sum::<usize>();
+    if marks > MAX_CACHE_BREAKPOINTS {
+        return Err(RpcError::invalid_params(format!(
+            "`request`: {marks} cache breakpoints, at most {MAX_CACHE_BREAKPOINTS} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// A rough token count for the limiter: about four bytes per token of prompt, plus the
+/// output budget. The answer's usage corrects it.
+pub fn estimate_tokens(req: &ChatRequest) -> u64 {
+    let text = serde_json::to_string(&req.messages).map_or(0, |s| s.len()) as u64
+        + req.system.as_ref().map_or(0, |s| s.text().len()) as u64;
+    text / 4 + u64::from(req.max_tokens.unwrap_or(1024))
+}
+
+/// Checks every tool call against its tool's schema and reports failures on the block.
+fn validate_tool_calls(resp: &mut ChatResponse, tools: &[Arc<Tool>]) {
+    for block in &mut resp.content {
+        if let Block::ToolUse {
+            name,
+            input,
+            validation_errors,
+            ..
+        } = block
+        {
+            let errors = match tools.iter().find(|t| t.def.name == *name) {
+                Some(tool) => tool.validate(input),
+                None => vec![format!(
+                    "the model called `{name}`, which the request did not offer"
+                )],
+            };
+            if !errors.is_empty() {
+                *validation_errors = Some(errors);
+            }
+        }
+    }
+}
+
+/// Maps a provider failure to the protocol's error.
+pub fn to_rpc(err: ProviderError) -> RpcError {
+    match err {
+        ProviderError::Http {
+            status,
+            body,
+            headers,
+        } => {
+            let retry = providers::retry_after(&headers);
+            let kind = if status == 429 {
+                ErrorKind::RateLimited
+            } else {
+                ErrorKind::Upstream
+            };
+            let mut e = RpcError::new(kind, format!("provider answered HTTP {status}"))
+                .with("status", status)
+                .with("body", Value::String(body));
+            if let Some(r) = retry {
+                e = e.with("retry_after_ms", r.as_millis() as u64);
+            }
+            e
+        }
+        ProviderError::Network(m) => RpcError::new(
+            ErrorKind::Upstream,
+            format!("cannot reach the provider: {m}"),
+        )
+        .with("status", 0),
+        ProviderError::Protocol(m) => RpcError::new(
+            ErrorKind::Upstream,
+            format!("bad answer from the provider: {m}"),
+        ),
+        ProviderError::Stream { kind, message } => RpcError::new(
+            ErrorKind::Upstream,
+            format!("provider stream error {kind}: {message}"),
+        )
+        .with("error_type", kind),
+        ProviderError::Cancelled => RpcError::new(ErrorKind::Cancelled, "cancelled"),
+    }
+}

@@ -1,0 +1,56 @@
+//! `chat`: completions through the profile's provider, streamed or whole.
+
+use super::{ok, parse, Ctx, Reply};
+use crate::chat;
+use crate::providers::DeltaSink;
+use crate::server::connection::Conn;
+use llmd_proto::chat::{ChatDelta, ChatParams, Delta};
+use llmd_proto::methods::names;
+use llmd_proto::{encode_line, Id, Notification, RpcError};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// Streams deltas to the connection as `chat.delta` notifications.
+struct ConnSink {
+    conn: Arc<Conn>,
+    id: Id,
+}
+
+impl DeltaSink for ConnSink {
+    fn send(&self, delta: Delta) -> bool {
+        let note = ChatDelta {
+            id: self.id.clone(),
+            delta,
+        };
+        !self.conn.gone.is_cancelled()
+            && self
+                .conn
+                .send(encode_line(&Notification::new(names::CHAT_DELTA, &note)))
+    }
+}
+
+/// Runs a chat request; with `stream: true`, deltas go out first.
+pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Reply {
+    let p: ChatParams = parse(params)?;
+    let profile = ctx.daemon.profile(&p.profile)?;
+    let sink = match (p.stream, id) {
+        (true, Some(id)) => Some(ConnSink {
+            conn: ctx.conn.clone(),
+            id: id.clone(),
+        }),
+        (true, None) => {
+            return Err(RpcError::invalid_params(
+                "`stream` needs a request `id` to tag the deltas with",
+            ))
+        }
+        (false, _) => None,
+    };
+    let resp = chat::execute(
+        &ctx.daemon,
+        &profile,
+        &p.request,
+        sink.as_ref().map(|s| s as &dyn DeltaSink),
+    )
+    .await?;
+    ok(&resp)
+}
