@@ -77,7 +77,9 @@ impl std::fmt::Display for ProviderError {
             ProviderError::Http { status, .. } => write!(f, "provider answered HTTP {status}"),
             ProviderError::Network(m) => write!(f, "cannot reach the provider: {m}"),
             ProviderError::Protocol(m) => write!(f, "bad answer from the provider: {m}"),
-            ProviderError::Stream { kind, message } => write!(f, "provider stream error {kind}: {message}"),
+            ProviderError::Stream { kind, message } => {
+                write!(f, "provider stream error {kind}: {message}")
+            }
             ProviderError::Cancelled => f.write_str("cancelled"),
         }
     }
@@ -95,11 +97,17 @@ impl ProviderError {
 
 /// Parses `retry-after` (seconds; fractional allowed) or `retry-after-ms`.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()) {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
     let v = headers.get("retry-after")?.to_str().ok()?.trim();
-    v.parse::<f64>().ok().map(|s| Duration::from_secs_f64(s.max(0.0)))
+    v.parse::<f64>()
+        .ok()
+        .map(|s| Duration::from_secs_f64(s.max(0.0)))
 }
 
 /// Default API base of each provider.
@@ -133,12 +141,19 @@ pub fn merge_options(body: &mut Value, options: Option<&Map<String, Value>>) {
 
 /// Sends a JSON POST with the given headers; non-2xx statuses become
 /// [`ProviderError::Http`] with the body cut to [`MAX_ERROR_BODY`].
-pub async fn post(call: &Call<'_>, url: &str, body: &Value) -> Result<reqwest::Response, ProviderError> {
+pub async fn post(
+    call: &Call<'_>,
+    url: &str,
+    body: &Value,
+) -> Result<reqwest::Response, ProviderError> {
     let mut req = call.http.post(url).json(body);
     for (k, v) in call.headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let resp = req.send().await.map_err(|e| ProviderError::Network(describe(&e)))?;
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| ProviderError::Network(describe(&e)))?;
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -146,7 +161,11 @@ pub async fn post(call: &Call<'_>, url: &str, body: &Value) -> Result<reqwest::R
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await.unwrap_or_default();
     let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
-    Err(ProviderError::Http { status: status.as_u16(), body: String::from_utf8_lossy(cut).into_owned(), headers })
+    Err(ProviderError::Http {
+        status: status.as_u16(),
+        body: String::from_utf8_lossy(cut).into_owned(),
+        headers,
+    })
 }
 
 /// A reqwest error without the URL (which may carry a key for some providers).
@@ -163,6 +182,359 @@ pub fn describe(e: &reqwest::Error) -> String {
 
 /// Parses a JSON body, naming the provider on failure.
 pub async fn json_body(resp: reqwest::Response, who: &str) -> Result<Value, ProviderError> {
-    let bytes = resp.bytes().await.map_err(|e| ProviderError::Network(describe(&e)))?;
-    serde_json::from_slice(&bytes).map_err(|e| ProviderError::Protocol(format!("{who} answer is not JSON: {e}")))
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| ProviderError::Network(describe(&e)))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ProviderError::Protocol(format!("{who} answer is not JSON: {e}")))
+}
+
+/// Forwards a delta, turning a vanished listener into [`ProviderError::Cancelled`] so the
+/// caller stops reading (and thereby aborts) the upstream stream.
+pub(crate) fn forward(sink: &dyn DeltaSink, delta: Delta) -> Result<(), ProviderError> {
+    if sink.send(delta) {
+        Ok(())
+    } else {
+        Err(ProviderError::Cancelled)
+    }
+}
+
+/// An `f32` as the JSON number it was written as (`0.3`, not `0.30000001192092896`, which
+/// is what widening the binary value to `f64` gives).
+pub fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+/// Embedding model used when the `embed` request names none (Anthropic has no API).
+pub fn default_embed_model(p: Provider) -> Option<&'static str> {
+    match p {
+        Provider::Anthropic => None,
+        Provider::OpenaiCompat => Some(openai::DEFAULT_EMBED_MODEL),
+        Provider::Gemini => Some(gemini::DEFAULT_EMBED_MODEL),
+        Provider::Minimax => Some(minimax::DEFAULT_EMBED_MODEL),
+    }
+}
+
+/// Embeds `input` (one vector per text, in order) with `provider`'s embeddings API;
+/// `model` falls back to [`default_embed_model`].
+pub async fn embed(
+    provider: Provider,
+    http: &reqwest::Client,
+    base_url: &str,
+    headers: &BTreeMap<String, String>,
+    model: Option<&str>,
+    input: &[String],
+) -> Result<llmd_proto::chat::EmbedResult, ProviderError> {
+    let model = match provider {
+        Provider::Anthropic => {
+            return Err(ProviderError::Protocol(
+                "Anthropic has no embeddings API; use another profile for `embed`".into(),
+            ))
+        }
+        Provider::OpenaiCompat => model.unwrap_or(openai::DEFAULT_EMBED_MODEL),
+        Provider::Gemini => model.unwrap_or(gemini::DEFAULT_EMBED_MODEL),
+        Provider::Minimax => model.unwrap_or(minimax::DEFAULT_EMBED_MODEL),
+    };
+    if input.is_empty() {
+        // Providers reject an empty batch; the answer to "nothing" needs no round trip.
+        return Ok(llmd_proto::chat::EmbedResult {
+            embeddings: Vec::new(),
+            usage: Default::default(),
+        });
+    }
+    // Embeddings reuse the chat plumbing (`post`), which only reads the HTTP parts of a call.
+    let request = ChatRequest::default();
+    let base_url = base_url.trim_end_matches('/');
+    let call = Call {
+        http,
+        base_url,
+        model,
+        headers,
+        request: &request,
+        tools: &[],
+        stream: None,
+    };
+    let result = match provider {
+        Provider::OpenaiCompat => openai::embed(&call, input).await?,
+        Provider::Gemini => gemini::embed(&call, input).await?,
+        Provider::Minimax => minimax::embed(&call, input).await?,
+        Provider::Anthropic => {
+            return Err(ProviderError::Protocol(
+                "Anthropic has no embeddings API".into(),
+            ))
+        }
+    };
+    if result.embeddings.len() != input.len() {
+        return Err(ProviderError::Protocol(format!(
+            "asked for {} embeddings, got {}",
+            input.len(),
+            result.embeddings.len()
+        )));
+    }
+    Ok(result)
+}
+
+/// Test helpers shared by the provider modules: a one-shot HTTP server on 127.0.0.1 that
+/// records the request and answers in chunks cut wherever the test says, and a sink that
+/// keeps the deltas.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{Call, DeltaSink};
+    use llmd_proto::chat::{ChatRequest, Delta, ToolDef};
+    use serde_json::Value;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The request the server received.
+    #[derive(Debug)]
+    pub struct Seen {
+        /// Request target (path and query).
+        pub path: String,
+        /// Headers, lowercase names.
+        pub headers: BTreeMap<String, String>,
+        /// Body parsed as JSON.
+        pub body: Value,
+    }
+
+    /// Serves one request with `status`, `content_type` and `pieces` sent as separate
+    /// HTTP chunks (with a pause between them, so they arrive as separate reads).
+    pub async fn serve_once(
+        status: u16,
+        content_type: &str,
+        pieces: Vec<Vec<u8>>,
+    ) -> (String, tokio::task::JoinHandle<Seen>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let content_type = content_type.to_owned();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let head_end = loop {
+                let mut tmp = [0u8; 4096];
+                let n = sock.read(&mut tmp).await.unwrap();
+                assert!(n > 0, "client closed before sending a request");
+                buf.extend_from_slice(&tmp[..n]);
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let path = lines.next().unwrap().split(' ').nth(1).unwrap().to_owned();
+            let headers: BTreeMap<String, String> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            let len: usize = headers
+                .get("content-length")
+                .map_or(0, |v| v.parse().unwrap());
+            while buf.len() < head_end + len {
+                let mut tmp = [0u8; 4096];
+                let n = sock.read(&mut tmp).await.unwrap();
+                assert!(n > 0, "client closed mid-body");
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+            let head = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\nretry-after: 7\r\nconnection: close\r\n\r\n"
+            );
+            sock.write_all(head.as_bytes()).await.unwrap();
+            // Pausing lets each piece arrive as its own read; byte-sized cuts just yield.
+            let pause = Duration::from_millis(if pieces.len() > 100 { 0 } else { 2 });
+            for p in pieces {
+                let mut chunk = format!("{:x}\r\n", p.len()).into_bytes();
+                chunk.extend_from_slice(&p);
+                chunk.extend_from_slice(b"\r\n");
+                // The client may hang up early (cancellation tests).
+                if sock.write_all(&chunk).await.is_err() || sock.flush().await.is_err() {
+                    break;
+                }
+                if pause.is_zero() {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            let _ = sock.write_all(b"0\r\n\r\n").await;
+            Seen {
+                path,
+                headers,
+                body,
+            }
+        });
+        (base, task)
+    }
+
+    /// `text` cut into pieces of `size` bytes (cutting through UTF-8 sequences too).
+    pub fn cut(text: &str, size: usize) -> Vec<Vec<u8>> {
+        text.as_bytes()
+            .chunks(size.max(1))
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    /// Keeps every delta; stops accepting after `limit` of them when set.
+    #[derive(Default)]
+    pub struct Collect {
+        /// Deltas in arrival order.
+        pub deltas: Mutex<Vec<Delta>>,
+        /// Answer false once this many deltas arrived (a client that went away).
+        pub limit: Option<usize>,
+    }
+
+    impl DeltaSink for Collect {
+        fn send(&self, delta: Delta) -> bool {
+            let mut d = self.deltas.lock().unwrap();
+            if self.limit.is_some_and(|l| d.len() >= l) {
+                return false;
+            }
+            d.push(delta);
+            true
+        }
+    }
+
+    impl Collect {
+        /// The deltas so far.
+        pub fn take(&self) -> Vec<Delta> {
+            std::mem::take(&mut self.deltas.lock().unwrap())
+        }
+    }
+
+    /// Owns what a [`Call`] borrows.
+    pub struct Fixture {
+        /// HTTP client.
+        pub http: reqwest::Client,
+        /// Auth headers.
+        pub headers: BTreeMap<String, String>,
+        /// The request.
+        pub request: ChatRequest,
+        /// Resolved tools.
+        pub tools: Vec<ToolDef>,
+        /// Model.
+        pub model: String,
+    }
+
+    impl Fixture {
+        /// A fixture for `request` (parsed from JSON) with `tools`.
+        pub fn new(request: Value, tools: Vec<ToolDef>) -> Fixture {
+            Fixture {
+                http: reqwest::Client::new(),
+                headers: BTreeMap::from([("authorization".into(), "Bearer sk-test-secret".into())]),
+                request: serde_json::from_value(request).unwrap(),
+                tools,
+                model: "test-model".into(),
+            }
+        }
+
+        /// A call against `base`, streaming into `sink` when given.
+        pub fn call<'a>(&'a self, base: &'a str, sink: Option<&'a dyn DeltaSink>) -> Call<'a> {
+            Call {
+                http: &self.http,
+                base_url: base,
+                model: &self.model,
+                headers: &self.headers,
+                request: &self.request,
+                tools: &self.tools,
+                stream: sink,
+            }
+        }
+    }
+
+    /// Checks that the deltas describe the same blocks as the final `content`: every
+    /// block stopped exactly once, tool calls started at their index with the same id and
+    /// name, and their argument fragments adding up to the final input; text and thinking
+    /// deltas adding up to the text and thinking blocks.
+    pub fn assert_deltas_match(deltas: &[Delta], content: &[llmd_proto::chat::Block]) {
+        use llmd_proto::chat::Block;
+        let mut stops: Vec<usize> = Vec::new();
+        let mut args: BTreeMap<usize, String> = BTreeMap::new();
+        let (mut text, mut thinking) = (String::new(), String::new());
+        for d in deltas {
+            match d {
+                Delta::Text { text: t } => text.push_str(t),
+                Delta::Thinking { text: t } => thinking.push_str(t),
+                Delta::ToolUseStart { index, id, name } => {
+                    assert!(
+                        !stops.contains(index),
+                        "block {index} started after its stop"
+                    );
+                    match &content[*index] {
+                        Block::ToolUse { id: i, name: n, .. } => {
+                            assert_eq!((i, n), (id, name), "tool block {index}");
+                        }
+                        other => panic!("tool_use_start {index} but content has {other:?}"),
+                    }
+                    assert!(
+                        args.insert(*index, String::new()).is_none(),
+                        "started twice"
+                    );
+                }
+                Delta::ToolInput {
+                    index,
+                    partial_json,
+                } => {
+                    assert!(!stops.contains(index), "input for stopped block {index}");
+                    args.get_mut(index)
+                        .expect("input before start")
+                        .push_str(partial_json);
+                }
+                Delta::BlockStop { index } => {
+                    assert!(!stops.contains(index), "block {index} stopped twice");
+                    stops.push(*index);
+                }
+                Delta::Usage(_) => {}
+            }
+        }
+        let mut all: Vec<usize> = stops.clone();
+        all.sort_unstable();
+        let expected: Vec<usize> = content
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !matches!(b, Block::Thinking { text, .. } if text.is_empty()))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(all, expected, "block stops vs content");
+        for (index, json) in args {
+            let Block::ToolUse { input, .. } = &content[index] else {
+                unreachable!()
+            };
+            let streamed: Value = serde_json::from_str(&json).expect("streamed arguments are JSON");
+            assert_eq!(&streamed, input, "arguments of block {index}");
+        }
+        let joined = |want_thinking: bool| -> String {
+            content
+                .iter()
+                .filter_map(|b| match b {
+                    Block::Text { text, .. } if !want_thinking => Some(text.as_str()),
+                    Block::Thinking { text, .. } if want_thinking => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(text, joined(false), "text deltas vs text blocks");
+        assert_eq!(thinking, joined(true), "thinking deltas vs thinking blocks");
+    }
+
+    /// A tool with one required string property `city`.
+    pub fn weather_tool() -> ToolDef {
+        serde_json::from_value(serde_json::json!({
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "input_schema": {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": false
+            }
+        }))
+        .unwrap()
+    }
 }
