@@ -45,6 +45,10 @@ pub struct Daemon {
     pub pending_logins: Mutex<HashMap<String, PendingLogin>>,
     /// Registered tools.
     pub tools: ToolRegistry,
+    /// Agent names from `hello`, by connection id.
+    pub agents: Mutex<BTreeMap<u64, String>>,
+    /// Source of connection ids.
+    pub next_connection_id: AtomicU64,
     config_path: PathBuf,
     config_explicit: bool,
     registry: RwLock<Arc<Registry>>,
@@ -80,6 +84,8 @@ impl Daemon {
             shutdown: CancellationToken::new(),
             pending_logins: Mutex::new(HashMap::new()),
             tools: ToolRegistry::default(),
+            agents: Mutex::new(BTreeMap::new()),
+            next_connection_id: AtomicU64::new(1),
             config_path,
             config_explicit,
             registry: RwLock::new(Arc::new(empty)),

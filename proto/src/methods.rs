@@ -144,6 +144,9 @@ pub struct StatusResult {
     pub uptime_secs: u64,
     /// Open client connections.
     pub connections: u64,
+    /// Agents that named themselves with `hello` (`client/version`), one per connection.
+    #[serde(default)]
+    pub agents: Vec<String>,
     /// Every configured profile.
     pub profiles: Vec<ProfileStatus>,
 }

@@ -851,3 +851,46 @@ async fn llmctl_login_reads_the_code_from_stdin_and_events_follow_rotations() {
     assert!(!printed.contains("fakeaccess"), "events carry no token");
     assert_no_secrets(&d);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_written_file_is_retried_not_adopted_broken() {
+    use std::io::Write;
+    let fake = FakeOAuth::start(3600).await;
+    let d = Daemon::builder()
+        .config(&claude_config(&fake, 60))
+        .file(
+            ".claude/.credentials.json",
+            &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
+            0o600,
+        )
+        .start();
+    let c = d.client().await;
+    assert_eq!(c.token("claude", None).await.unwrap().token, access_of(0));
+    // A writer that does not rename: the first half lands (and is closed) before the rest.
+    let (access, refresh, _) = fake.rotate_out_of_band();
+    let full = claude_creds(&access, &refresh, now() + 7200);
+    let (head, tail) = full.split_at(full.len() / 2);
+    let path = d.home.join(".claude/.credentials.json");
+    std::fs::write(&path, head).unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Meanwhile the old token is still served.
+    assert_eq!(c.token("claude", None).await.unwrap().token, access_of(0));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(tail.as_bytes())
+        .unwrap();
+    let mut served = String::new();
+    for _ in 0..100 {
+        served = c.token("claude", None).await.unwrap().token;
+        if served == access {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served, access);
+    assert_eq!(fake.refresh_calls(), 0);
+    let s = c.status().await.unwrap();
+    assert_eq!(s.profiles[0].state, ProfileState::Ok);
+}

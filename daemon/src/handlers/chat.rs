@@ -1,10 +1,11 @@
-//! `chat`: completions through the profile's provider, streamed or whole.
+//! `chat` and `embed`: completions (streamed or whole) and embeddings through the
+//! profile's provider.
 
 use super::{ok, parse, Ctx, Reply};
 use crate::chat;
 use crate::providers::DeltaSink;
 use crate::server::connection::Conn;
-use llmd_proto::chat::{ChatDelta, ChatParams, Delta};
+use llmd_proto::chat::{ChatDelta, ChatParams, Delta, EmbedParams};
 use llmd_proto::methods::names;
 use llmd_proto::{encode_line, Id, Notification, RpcError};
 use serde_json::value::RawValue;
@@ -53,4 +54,25 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
     )
     .await?;
     ok(&resp)
+}
+
+/// Embeds texts with the profile's provider.
+pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
+    let p: EmbedParams = parse(params)?;
+    if p.input.is_empty() {
+        return Err(RpcError::invalid_params("`input` is empty"));
+    }
+    let profile = ctx.daemon.profile(&p.profile)?;
+    let token = profile.token(60, false).await?;
+    let result = crate::providers::embed(
+        profile.config.provider,
+        &ctx.daemon.http,
+        profile.base_url(),
+        &token.headers,
+        p.model.as_deref(),
+        &p.input,
+    )
+    .await
+    .map_err(chat::to_rpc)?;
+    ok(&result)
 }

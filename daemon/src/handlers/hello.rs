@@ -8,8 +8,12 @@ use serde_json::value::RawValue;
 pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: HelloParams = parse(params)?;
     tracing::debug!(agent = %p.client, agent_version = %p.version, "hello");
+    let name = format!("{}/{}", p.client, p.version);
+    if let Ok(mut agents) = ctx.daemon.agents.lock() {
+        agents.insert(ctx.conn.id, name.clone());
+    }
     if let Ok(mut a) = ctx.conn.agent.lock() {
-        *a = Some(format!("{}/{}", p.client, p.version));
+        *a = Some(name);
     }
     ok(&HelloResult {
         server: "llmd".into(),

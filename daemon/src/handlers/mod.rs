@@ -50,6 +50,7 @@ pub async fn dispatch(
         names::LOGIN_START => login::start(ctx, params),
         names::LOGIN_FINISH => login::finish(ctx, params).await,
         names::CHAT => chat::chat(ctx, id, params).await,
+        names::EMBED => chat::embed(ctx, params).await,
         names::TOOLS_REGISTER => tools::register(ctx, params),
         names::TOOLS_LIST => tools::list(ctx, params),
         names::TOOLS_REMOVE => tools::remove(ctx, params),

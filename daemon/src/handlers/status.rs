@@ -15,6 +15,11 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         protocol: llmd_proto::PROTOCOL_VERSION,
         uptime_secs: d.started.elapsed().as_secs(),
         connections: d.connections.load(Ordering::Relaxed),
+        agents: d
+            .agents
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default(),
         profiles: reg.profiles.values().map(|p| p.status()).collect(),
     })
 }

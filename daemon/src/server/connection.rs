@@ -13,9 +13,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Per-connection state shared by the request tasks.
 pub struct Conn {
+    /// Connection id (for the agent list of `status`).
+    pub id: u64,
     /// Agent name from `hello`.
     pub agent: Mutex<Option<String>>,
     out: mpsc::Sender<Vec<u8>>,
@@ -82,7 +85,11 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
     let mut rx: &Stream = &stream;
     let cfg = daemon.registry().config.daemon.clone();
     let (out, queue) = mpsc::channel(cfg.max_queued_responses);
+    let conn_id = daemon
+        .next_connection_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let conn = Arc::new(Conn {
+        id: conn_id,
         agent: Mutex::new(None),
         out,
         gone: CancellationToken::new(),
@@ -136,6 +143,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
     conn.closing.cancel();
     drop(conn);
     let _ = writer.await;
+    lock(&daemon.agents).remove(&conn_id);
 }
 
 /// After EOF the client may only have shut its sending side (answers still wanted) or be
@@ -195,16 +203,29 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8]) {
         daemon: daemon.clone(),
         conn: conn.clone(),
     };
+    // Spans cost an agent-name copy per request: only build them when debug logs are on.
+    let span = if tracing::enabled!(tracing::Level::DEBUG) {
+        let agent = lock(&conn.agent).clone().unwrap_or_default();
+        tracing::debug_span!("request", method = %req.method, agent = %agent)
+    } else {
+        tracing::Span::none()
+    };
     let mut inflight = lock(&conn.inflight);
     let id = req.id.clone();
-    let task = tokio::spawn(async move {
-        let result =
-            handlers::dispatch(&ctx, req.id.as_ref(), &req.method, req.params.as_deref()).await;
-        if let Some(id) = &req.id {
-            lock(&ctx.conn.inflight).remove(id);
-            ctx.conn.respond(Some(id), result);
+    let task = tokio::spawn(
+        async move {
+            let result =
+                handlers::dispatch(&ctx, req.id.as_ref(), &req.method, req.params.as_deref()).await;
+            if let Some(id) = &req.id {
+                lock(&ctx.conn.inflight).remove(id);
+                if let Err(e) = &result {
+                    tracing::debug!(code = e.code, error = %e.message, "request failed");
+                }
+                ctx.conn.respond(Some(id), result);
+            }
         }
-    });
+        .instrument(span),
+    );
     if let Some(id) = id {
         inflight.insert(id, task.abort_handle());
     }
