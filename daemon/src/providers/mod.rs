@@ -230,15 +230,17 @@ pub async fn embed(
     model: Option<&str>,
     input: &[String],
 ) -> Result<llmd_proto::chat::EmbedResult, ProviderError> {
-    let model = match provider {
-        Provider::Anthropic => {
-            return Err(ProviderError::Protocol(
-                "Anthropic has no embeddings API; use another profile for `embed`".into(),
-            ))
-        }
-        Provider::OpenaiCompat => model.unwrap_or(openai::DEFAULT_EMBED_MODEL),
-        Provider::Gemini => model.unwrap_or(gemini::DEFAULT_EMBED_MODEL),
-        Provider::Minimax => model.unwrap_or(minimax::DEFAULT_EMBED_MODEL),
+    let no_api = || {
+        ProviderError::Protocol(
+            "Anthropic has no embeddings API; use another profile for `embed`".into(),
+        )
+    };
+    if provider == Provider::Anthropic {
+        return Err(no_api());
+    }
+    let model = match model {
+        Some(m) => m,
+        None => default_embed_model(provider).ok_or_else(no_api)?,
     };
     if input.is_empty() {
         // Providers reject an empty batch; the answer to "nothing" needs no round trip.
@@ -263,11 +265,7 @@ pub async fn embed(
         Provider::OpenaiCompat => openai::embed(&call, input).await?,
         Provider::Gemini => gemini::embed(&call, input).await?,
         Provider::Minimax => minimax::embed(&call, input).await?,
-        Provider::Anthropic => {
-            return Err(ProviderError::Protocol(
-                "Anthropic has no embeddings API".into(),
-            ))
-        }
+        Provider::Anthropic => return Err(no_api()),
     };
     if result.embeddings.len() != input.len() {
         return Err(ProviderError::Protocol(format!(
