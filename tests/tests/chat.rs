@@ -1,0 +1,265 @@
+//! Chat through the daemon: auth in the loop, shared limits and retries, llmctl.
+
+use llmd_proto::chat::{Block, ChatRequest};
+use llmd_proto::ErrorKind;
+use llmd_tests::fake_oauth::{access_of, refresh_of, FakeOAuth};
+use llmd_tests::fake_providers::{Failure, FakeProviders, USE_TOOL};
+use llmd_tests::Daemon;
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn ask(text: &str) -> ChatRequest {
+    serde_json::from_value(json!({"messages": [{"role": "user", "content": text}]})).unwrap()
+}
+
+fn text_of(blocks: &[Block]) -> String {
+    blocks
+        .iter()
+        .filter_map(|b| match b {
+            Block::Text { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_401_forces_one_refresh_and_one_retry() {
+    let oauth = FakeOAuth::start(3600).await;
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\nbase_url = \"{}\"\ndefault_model = \"claude-x\"\n",
+        oauth.anthropic_url(),
+        fake.anthropic_base()
+    );
+    let bundle = json!({"access_token": access_of(0), "refresh_token": refresh_of(0), "expires_at": now() + 3600});
+    let d = Daemon::builder()
+        .config(&cfg)
+        .file("state/llmd/oauth/work.json", &bundle.to_string(), 0o600)
+        .start();
+    let c = d.client().await;
+    fake.fail_next(1, Failure::Status(401));
+    let r = c.chat("work", ask("hi")).await.unwrap();
+    assert_eq!(text_of(&r.content), "Hello from anthropic");
+    assert_eq!(oauth.refresh_calls(), 1, "one forced refresh");
+    let reqs = fake.chat_requests();
+    assert_eq!(reqs.len(), 2, "one retry");
+    assert_eq!(
+        reqs[0].header("authorization"),
+        Some(format!("Bearer {}", access_of(0)).as_str())
+    );
+    assert_eq!(
+        reqs[1].header("authorization"),
+        Some(format!("Bearer {}", access_of(1)).as_str())
+    );
+    assert_eq!(reqs[1].header("anthropic-beta"), Some("oauth-2025-04-20"));
+    assert_eq!(reqs[1].header("anthropic-version"), Some("2023-06-01"));
+    assert!(reqs[1]
+        .header("user-agent")
+        .unwrap_or("")
+        .starts_with("llmd/"));
+    // A second 401 after the retry is the caller's problem, not a refresh loop.
+    fake.fail_next(2, Failure::Status(401));
+    let e = c.chat("work", ask("hi")).await.unwrap_err();
+    let e = e.rpc().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Upstream);
+    assert_eq!(e.data_field("status"), Some(&json!(401)));
+    assert_eq!(oauth.refresh_calls(), 2);
+    let logs = d.logs();
+    assert!(
+        !logs.contains("fakeaccess") && !logs.contains("fakerefresh"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_login_surfaces_needs_login_from_chat() {
+    let oauth = FakeOAuth::start(3600).await;
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\nbase_url = \"{}\"\ndefault_model = \"m\"\n",
+        oauth.anthropic_url(),
+        fake.anthropic_base()
+    );
+    let bundle =
+        json!({"access_token": access_of(0), "refresh_token": "spent", "expires_at": now() - 5});
+    let d = Daemon::builder()
+        .config(&cfg)
+        .file("state/llmd/oauth/work.json", &bundle.to_string(), 0o600)
+        .start();
+    let e = d.client().await.chat("work", ask("hi")).await.unwrap_err();
+    assert_eq!(e.rpc().unwrap().code, -32002);
+    assert!(e.to_string().contains("llmctl login work"), "{e}");
+    assert_eq!(
+        fake.request_count(),
+        0,
+        "nothing sent without a valid token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_the_whole_profile_for_every_client() {
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[profiles.oa]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"gpt\"\n",
+        fake.openai_base()
+    );
+    let d = Daemon::builder().config(&cfg).env("K", "k").start();
+    fake.fail_next(
+        1,
+        Failure::RateLimited {
+            retry_after_secs: 2,
+        },
+    );
+    let first = d.client().await;
+    let t0 = Instant::now();
+    let a = tokio::spawn(async move { first.chat("oa", ask("one")).await });
+    assert!(fake.wait_for_requests(1, Duration::from_secs(5)).await);
+    // A different client (another agent) asks during the pause: it must wait too, not
+    // hammer the provider.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = d.client().await;
+    let b = tokio::spawn(async move { second.chat("oa", ask("two")).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        fake.request_count(),
+        1,
+        "nobody calls the provider during the pause"
+    );
+    let status = d.client().await.status().await.unwrap();
+    let limits = status.profiles[0].limits.clone().unwrap();
+    assert!(
+        limits.paused_for_ms.unwrap_or(0) > 0,
+        "status shows the pause: {limits:?}"
+    );
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1900),
+        "retry-after honoured"
+    );
+    assert_eq!(fake.request_count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_agents_share_the_profile_limits() {
+    let fake = FakeProviders::start().await;
+    fake.set_latency(Duration::from_millis(50));
+    let cfg = format!(
+        "[profiles.oa]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"gpt\"\n[profiles.oa.rate_limit]\nmax_concurrent = 4\nrequests_per_minute = 40\n",
+        fake.openai_base()
+    );
+    let d = Daemon::builder().config(&cfg).env("K", "k").start();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    // Watch the provider side: how many requests are open at once.
+    let watcher = {
+        let fake = fake.clone();
+        let max_seen = max_seen.clone();
+        let in_flight = in_flight.clone();
+        tokio::spawn(async move {
+            loop {
+                let open = fake.request_count() - fake.completed() - fake.aborted();
+                in_flight.store(open, Ordering::Relaxed);
+                max_seen.fetch_max(open, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut agents = Vec::new();
+    for i in 0..50 {
+        let c = d.client().await;
+        agents.push(tokio::spawn(async move {
+            c.chat("oa", ask(&format!("agent {i}"))).await
+        }));
+    }
+    // 40 requests per minute: 40 finish, 10 wait for the window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fake.request_count(),
+        40,
+        "requests_per_minute holds across agents"
+    );
+    let status = d.client().await.status().await.unwrap();
+    let limits = status.profiles[0].limits.clone().unwrap();
+    assert_eq!(limits.queued, 10, "{limits:?}");
+    assert!(
+        max_seen.load(Ordering::Relaxed) <= 4,
+        "max_concurrent held: {}",
+        max_seen.load(Ordering::Relaxed)
+    );
+    assert!(
+        max_seen.load(Ordering::Relaxed) >= 2,
+        "requests did run concurrently"
+    );
+    for a in agents.drain(..40) {
+        drop(a);
+    }
+    watcher.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llmctl_chat_streams_text_and_tool_calls() {
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[profiles.ant]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"claude-x\"\n",
+        fake.anthropic_base()
+    );
+    let d = Daemon::builder()
+        .config(&cfg)
+        .env("K", "sk-ant-api03-k")
+        .start();
+    let out = d.llmctl(&["chat", "ant", "hello there"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Hello from anthropic\n"
+    );
+    let tool = d.home.join("weather.json");
+    std::fs::write(
+        &tool,
+        json!({"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}).to_string(),
+    )
+    .unwrap();
+    let out = d.llmctl_stdin(
+        &[
+            "chat",
+            "ant",
+            "--tool",
+            tool.to_str().unwrap(),
+            "--system",
+            "be brief",
+        ],
+        USE_TOOL,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[tool_use get_weather {\"city\":\"Paris\"}]")
+            || text.contains("[tool_use get_weather {\"city\": \"Paris\"}]"),
+        "{text}"
+    );
+    let body = fake.last_request().body;
+    assert_eq!(body["system"][0]["text"], "be brief");
+    assert_eq!(body["tools"][0]["name"], "get_weather");
+    let out = d.llmctl(&["chat", "ant", "--json", "hi"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stop_reason"], "end_turn");
+    // The registry from llmctl.
+    let out = d.llmctl(&["tools", "add", tool.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = d.llmctl(&["tools", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("get_weather\tweather"));
+    let out = d.llmctl(&["tools", "rm", "get_weather"]);
+    assert!(out.status.success());
+    let out = d.llmctl(&["tools", "rm", "get_weather"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tool `get_weather`"));
+}
