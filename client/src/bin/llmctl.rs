@@ -468,6 +468,28 @@ fn state_text(p: &ProfileStatus, now: i64) -> String {
     }
 }
 
+/// `; 3 queued, 2 in flight, paused 4s` when the profile has chat traffic to report.
+fn traffic_text(p: &ProfileStatus) -> String {
+    let Some(l) = &p.limits else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if l.queued > 0 {
+        parts.push(format!("{} queued", l.queued));
+    }
+    if l.in_flight > 0 {
+        parts.push(format!("{} in flight", l.in_flight));
+    }
+    if let Some(ms) = l.paused_for_ms.filter(|ms| *ms > 0) {
+        parts.push(format!("paused {}", human((ms as i64 + 999) / 1000)));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", parts.join(", "))
+    }
+}
+
 fn status_table(profiles: &[ProfileStatus], now: i64) -> String {
     if profiles.is_empty() {
         return "no profiles configured: set ANTHROPIC_API_KEY (or another provider key) or write ~/.config/llmd/config.toml\n".into();
@@ -479,7 +501,7 @@ fn status_table(profiles: &[ProfileStatus], now: i64) -> String {
                 p.name.clone(),
                 p.provider.clone(),
                 p.auth.clone(),
-                state_text(p, now),
+                state_text(p, now) + &traffic_text(p),
             ]
         })
         .collect();
@@ -556,5 +578,18 @@ mod tests {
         assert!(t.contains("expires in 4h12m"), "{t}");
         assert!(t.contains("needs login: run llmctl login claude"), "{t}");
         assert!(t.starts_with("PROFILE"));
+    }
+
+    #[test]
+    fn table_shows_queue_and_pause() {
+        let mut p = st("oa", ProfileState::Ok, None);
+        p.limits = Some(llmd_client::proto::methods::Limits {
+            queued: 3,
+            in_flight: 2,
+            paused_for_ms: Some(4500),
+            ..Default::default()
+        });
+        let t = status_table(&[p], 0);
+        assert!(t.contains("ok; 3 queued, 2 in flight, paused 5s"), "{t}");
     }
 }
