@@ -110,7 +110,7 @@ pub async fn execute(
         };
         let overloaded = status == 429
             || status == 529
-            || matches!(&err, ProviderError::Stream { kind, .. } if kind == "overloaded_error");
+            || matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind));
         if status == 401
             && !refreshed
             && matches!(profile.config.auth, AuthKind::Oauth | AuthKind::ClaudeCli)
@@ -165,6 +165,22 @@ fn resolve_tools(daemon: &Daemon, refs: &[ToolRef]) -> Result<Vec<Arc<Tool>>, Rp
         out.push(tool);
     }
     Ok(out)
+}
+
+/// Stream error types that mean "busy, try again" on each provider (Anthropic
+/// `overloaded_error`/`rate_limit_error`, Gemini `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, OpenAI
+/// `server_error`/`rate_limit_exceeded`). Only retried before any delta reached the client.
+fn is_overload_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "overloaded_error"
+            | "rate_limit_error"
+            | "api_error"
+            | "UNAVAILABLE"
+            | "RESOURCE_EXHAUSTED"
+            | "server_error"
+            | "rate_limit_exceeded"
+    )
 }
 
 fn backoff(attempt: u32) -> Duration {

@@ -92,7 +92,7 @@ pub fn request_body(call: &Call<'_>) -> Value {
         .collect();
     body.insert("messages".into(), messages.into());
     if let Some(t) = r.temperature {
-        body.insert("temperature".into(), t.into());
+        body.insert("temperature".into(), super::f32_json(t));
     }
     if !r.stop.is_empty() {
         body.insert("stop_sequences".into(), r.stop.clone().into());
@@ -222,8 +222,10 @@ async fn stream(
         stop_reason: StopReason::Other,
         usage: Usage::default(),
     };
-    // Provider index -> (block, accumulated tool JSON).
-    let mut open: BTreeMap<usize, (Block, String)> = BTreeMap::new();
+    // Provider index -> (neutral index, block, accumulated tool JSON). Blocks without a
+    // neutral shape are skipped, so neutral indexes count only the blocks we report.
+    let mut open: BTreeMap<usize, (usize, Block, String)> = BTreeMap::new();
+    let mut next_index = 0usize;
     let mut done: BTreeMap<usize, Block> = BTreeMap::new();
     let mut stopped = false;
     while let Some(ev) = events.next().await? {
@@ -268,14 +270,24 @@ async fn stream(
                 })?;
                 let cb = v.get("content_block").cloned().unwrap_or_default();
                 if let Some(block) = content_block(&cb)? {
-                    if let Block::ToolUse { id, name, .. } = &block {
-                        forward(Delta::ToolUseStart {
-                            index: i,
+                    let n = next_index;
+                    next_index += 1;
+                    match &block {
+                        Block::ToolUse { id, name, .. } => forward(Delta::ToolUseStart {
+                            index: n,
                             id: id.clone(),
                             name: name.clone(),
-                        })?;
+                        })?,
+                        // Text that arrives with the start is content like any delta.
+                        Block::Text { text, .. } if !text.is_empty() => {
+                            forward(Delta::Text { text: text.clone() })?
+                        }
+                        Block::Thinking { text, .. } if !text.is_empty() => {
+                            forward(Delta::Thinking { text: text.clone() })?
+                        }
+                        _ => {}
                     }
-                    open.insert(i, (block, String::new()));
+                    open.insert(i, (n, block, String::new()));
                 }
             }
             "content_block_delta" => {
@@ -283,7 +295,7 @@ async fn stream(
                     ProviderError::Protocol("content_block_delta without index".into())
                 })?;
                 let d = v.get("delta").cloned().unwrap_or_default();
-                let Some((block, json_acc)) = open.get_mut(&i) else {
+                let Some((n, block, json_acc)) = open.get_mut(&i) else {
                     // A delta for a block type we do not model.
                     continue;
                 };
@@ -313,7 +325,7 @@ async fn stream(
                         let piece = text("partial_json");
                         json_acc.push_str(&piece);
                         forward(Delta::ToolInput {
-                            index: i,
+                            index: *n,
                             partial_json: piece,
                         })?;
                     }
@@ -328,7 +340,7 @@ async fn stream(
                 let i = index.ok_or_else(|| {
                     ProviderError::Protocol("content_block_stop without index".into())
                 })?;
-                if let Some((mut block, json_acc)) = open.remove(&i) {
+                if let Some((n, mut block, json_acc)) = open.remove(&i) {
                     if let Block::ToolUse { input, .. } = &mut block {
                         if !json_acc.trim().is_empty() {
                             *input = serde_json::from_str(&json_acc).map_err(|e| {
@@ -338,8 +350,8 @@ async fn stream(
                             })?;
                         }
                     }
-                    done.insert(i, block);
-                    forward(Delta::BlockStop { index: i })?;
+                    done.insert(n, block);
+                    forward(Delta::BlockStop { index: n })?;
                 }
             }
             "message_delta" => {
@@ -381,4 +393,250 @@ async fn stream(
     }
     resp.content = done.into_values().collect();
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::test_support::{cut, serve_once, Collect};
+    use llmd_proto::chat::{ChatRequest, ToolDef};
+
+    fn req(v: Value) -> ChatRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn headers() -> BTreeMap<String, String> {
+        [("x-api-key".to_string(), "sk-ant-test".to_string())].into()
+    }
+
+    fn weather() -> ToolDef {
+        ToolDef {
+            name: "get_weather".into(),
+            description: "weather".into(),
+            input_schema: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        }
+    }
+
+    #[test]
+    fn request_body_maps_every_neutral_field() {
+        let r = req(json!({
+            "system": [{"type": "text", "text": "sys", "cache": "1h"}],
+            "temperature": 0.3, "stop": ["END"], "thinking": {"budget_tokens": 2048},
+            "tool_choice": {"name": "get_weather"},
+            "provider_options": {"top_k": 3, "max_tokens": 99},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi", "cache": "5m"},
+                    {"type": "image", "media_type": "image/png", "data": "AAAA"}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "cold", "is_error": true}]}
+            ]
+        }));
+        let h = headers();
+        let tools = [weather()];
+        let http = reqwest::Client::new();
+        let call = Call {
+            http: &http,
+            base_url: "http://x",
+            model: "claude-x",
+            headers: &h,
+            request: &r,
+            tools: &tools,
+            stream: None,
+        };
+        let b = request_body(&call);
+        assert_eq!(b["model"], "claude-x");
+        assert_eq!(b["max_tokens"], 99, "provider_options override last");
+        assert_eq!(b["top_k"], 3);
+        assert_eq!(b["temperature"], json!(0.3));
+        assert_eq!(b["stop_sequences"], json!(["END"]));
+        assert_eq!(
+            b["system"][0]["cache_control"],
+            json!({"type": "ephemeral", "ttl": "1h"})
+        );
+        assert_eq!(
+            b["messages"][0]["content"][0]["cache_control"],
+            json!({"type": "ephemeral"})
+        );
+        assert_eq!(
+            b["messages"][0]["content"][1]["source"],
+            json!({"type": "base64", "media_type": "image/png", "data": "AAAA"})
+        );
+        assert_eq!(
+            b["messages"][1]["content"][0],
+            json!({"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Oslo"}})
+        );
+        assert_eq!(b["messages"][2]["content"][0]["is_error"], true);
+        assert_eq!(
+            b["tool_choice"],
+            json!({"type": "tool", "name": "get_weather"})
+        );
+        assert_eq!(
+            b["thinking"],
+            json!({"type": "enabled", "budget_tokens": 2048})
+        );
+        assert_eq!(b["tools"][0]["name"], "get_weather");
+        assert!(b.get("stream").is_none());
+    }
+
+    #[test]
+    fn parses_a_documented_answer() {
+        let r = parse_response(&json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [{"type": "text", "text": "Let me check."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}
+        }))
+        .unwrap();
+        assert_eq!(r.stop_reason, StopReason::ToolUse);
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 10,
+                output_tokens: 5,
+                cache_read_tokens: 3,
+                cache_write_tokens: 2
+            }
+        );
+        assert!(matches!(&r.content[1], Block::ToolUse { input, .. } if input["city"] == "Paris"));
+        assert!(parse_response(&json!({"id": "x"})).is_err());
+    }
+
+    fn transcript() -> String {
+        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+        [
+            ev("message_start", json!({"type": "message_start", "message": {"id": "msg_s", "model": "claude-x", "usage": {"input_tokens": 9, "output_tokens": 1}}})),
+            ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "server_tool_use", "id": "srv", "name": "web_search", "input": {}}})),
+            ev("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+            ev("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}})),
+            ev("ping", json!({"type": "ping"})),
+            ev("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Checking, café "}})),
+            ev("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "☕"}})),
+            ev("content_block_stop", json!({"type": "content_block_stop", "index": 1})),
+            ev("content_block_start", json!({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {}}})),
+            ev("content_block_delta", json!({"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": "{\"ci"}})),
+            ev("content_block_delta", json!({"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": "ty\": \"Par"}})),
+            ev("content_block_delta", json!({"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": "is\"}"}})),
+            ev("content_block_stop", json!({"type": "content_block_stop", "index": 2})),
+            ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 22}})),
+            ev("message_stop", json!({"type": "message_stop"})),
+        ]
+        .concat()
+    }
+
+    async fn run(pieces: Vec<Vec<u8>>, sink: &Collect) -> Result<ChatResponse, ProviderError> {
+        let (base, seen) = serve_once(200, "text/event-stream", pieces).await;
+        let r = req(json!({"messages": [{"role": "user", "content": "weather?"}]}));
+        let h = headers();
+        let tools = [weather()];
+        let http = reqwest::Client::new();
+        let call = Call {
+            http: &http,
+            base_url: &base,
+            model: "claude-x",
+            headers: &h,
+            request: &r,
+            tools: &tools,
+            stream: Some(sink),
+        };
+        let out = chat(&call).await;
+        let _ = seen.await;
+        out
+    }
+
+    #[tokio::test]
+    async fn streams_split_anywhere_with_indexes_matching_content() {
+        let text = transcript();
+        for size in [1, 3, 17, 4096] {
+            let sink = Collect::default();
+            let r = run(cut(&text, size), &sink)
+                .await
+                .unwrap_or_else(|e| panic!("split {size}: {e}"));
+            assert_eq!(
+                r.content.len(),
+                2,
+                "the server tool block has no neutral shape"
+            );
+            assert_eq!(
+                r.content[0],
+                Block::Text {
+                    text: "Checking, café ☕".into(),
+                    cache: None
+                }
+            );
+            assert!(
+                matches!(&r.content[1], Block::ToolUse { id, input, .. } if id == "toolu_9" && input["city"] == "Paris")
+            );
+            assert_eq!(r.usage.output_tokens, 22);
+            let deltas = sink.deltas.lock().unwrap().clone();
+            assert!(
+                deltas.contains(&Delta::ToolUseStart {
+                    index: 1,
+                    id: "toolu_9".into(),
+                    name: "get_weather".into()
+                }),
+                "{deltas:?}"
+            );
+            assert!(deltas.contains(&Delta::BlockStop { index: 0 }));
+            assert!(deltas.contains(&Delta::BlockStop { index: 1 }));
+            let joined: String = deltas
+                .iter()
+                .filter_map(|d| match d {
+                    Delta::ToolInput {
+                        index: 1,
+                        partial_json,
+                    } => Some(partial_json.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(joined, "{\"city\": \"Paris\"}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_errors_and_cuts_are_errors() {
+        let cut_short = transcript()
+            .split("event: message_delta")
+            .next()
+            .unwrap()
+            .to_owned();
+        let e = run(cut(&cut_short, 64), &Collect::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ProviderError::Protocol(ref m) if m.contains("message_stop")),
+            "{e}"
+        );
+        let overloaded = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        let e = run(cut(overloaded, 64), &Collect::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ProviderError::Stream { ref kind, .. } if kind == "overloaded_error"),
+            "{e}"
+        );
+        let garbage = "event: content_block_delta\ndata: {not json\n\n";
+        let e = run(cut(garbage, 64), &Collect::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Protocol(_)), "{e}");
+        let bad_args = transcript().replace("is\\\"}", "is\\\"");
+        let e = run(cut(&bad_args, 4096), &Collect::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ProviderError::Protocol(ref m) if m.contains("not JSON")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_went_away_cancels_the_stream() {
+        let sink = Collect {
+            limit: Some(2),
+            ..Default::default()
+        };
+        let e = run(cut(&transcript(), 4096), &sink).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Cancelled));
+    }
 }
