@@ -463,3 +463,63 @@ async fn python_stdlib_client_follows_the_design() {
     assert_eq!(v["server"], "llmd");
     assert_eq!(v["headers"]["authorization"], "Bearer mm-testkey");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_written_line_past_idle_timeout_is_closed() {
+    let d = Daemon::builder()
+        .config("[daemon]\nidle_timeout_secs = 1\n\n[profiles.o]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"K\"\n")
+        .env("K", "k1")
+        .start();
+    let mut slow = Raw::connect(&d.socket).await;
+    slow.send(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"meth").await;
+    // Others are served meanwhile.
+    let c = d.client().await;
+    for _ in 0..10 {
+        assert_eq!(c.token("o", None).await.unwrap().token, "k1");
+    }
+    let t0 = std::time::Instant::now();
+    assert!(slow.recv().await.is_none(), "closed");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // A connection that is idle between whole requests is not closed.
+    let mut idle = Raw::connect(&d.socket).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(idle.call(2, "status", json!({})).await["result"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_never_reads_is_disconnected_without_hurting_others() {
+    let d = Daemon::builder()
+        .config("[daemon]\nmax_queued_responses = 8\n\n[profiles.o]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"K\"\n")
+        .env("K", "k1")
+        .start();
+    let c = d.client().await;
+    let hog = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (_r, mut w) = hog.into_split();
+    let line = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\",\"params\":{}}\n".repeat(1000);
+    // Keep writing and never read: the daemon must cut us off once our answers pile up.
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for _ in 0..200 {
+            if w.write_all(&line).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let mut cut_off = false;
+    for _ in 0..400 {
+        assert_eq!(
+            c.token("o", None).await.unwrap().token,
+            "k1",
+            "others keep being served"
+        );
+        if c.status().await.unwrap().connections == 1 {
+            cut_off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(cut_off, "the non-reading client was disconnected");
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    assert!(d.logs().contains("not reading its answers"), "{}", d.logs());
+}
