@@ -7,7 +7,7 @@ use crate::profile::Profile;
 use crate::providers::{self, Call, DeltaSink, ProviderError};
 use crate::state::Daemon;
 use crate::tools::Tool;
-use llmd_proto::chat::{Block, ChatRequest, ChatResponse, Content, ToolDef, ToolRef};
+use llmd_proto::chat::{Block, ChatRequest, ChatResponse, Content, ToolDef};
 use llmd_proto::{ErrorKind, RpcError};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,7 +58,10 @@ pub async fn execute(
     req: &ChatRequest,
     sink: Option<&dyn DeltaSink>,
 ) -> Result<ChatResponse, RpcError> {
-    let tools = resolve_tools(daemon, &req.tools)?;
+    let tools = daemon
+        .tools
+        .resolve(&req.tools)
+        .map_err(|e| RpcError::invalid_params(format!("`request.tools`: {e}")))?;
     check_request(req)?;
     let model = req
         .model
@@ -73,6 +76,7 @@ pub async fn execute(
     let defs: Vec<ToolDef> = tools.iter().map(|t| t.def.clone()).collect();
     let estimate = estimate_tokens(req);
     let tracked = sink.map(TrackedSink::new);
+    let observe = |h: &reqwest::header::HeaderMap| profile.limiter.observe(h);
     let (mut overloads, mut server_errors, mut refreshed) = (0u32, 0u32, false);
     loop {
         let permit = profile.limiter.acquire(estimate).await;
@@ -85,6 +89,7 @@ pub async fn execute(
             request: req,
             tools: &defs,
             stream: tracked.as_ref().map(|t| t as &dyn DeltaSink),
+            observe: Some(&observe),
         };
         let err = match providers::chat(profile.config.provider, &call).await {
             Ok(mut resp) => {
@@ -98,9 +103,6 @@ pub async fn execute(
             Err(e) => e,
         };
         drop(permit);
-        if let ProviderError::Http { headers, .. } = &err {
-            profile.limiter.observe(headers);
-        }
         if tracked.as_ref().is_some_and(|t| t.started()) {
             return Err(to_rpc(err));
         }
@@ -140,31 +142,6 @@ pub async fn execute(
         }
         return Err(to_rpc(err));
     }
-}
-
-/// Registered tools by name, inline ones compiled here.
-fn resolve_tools(daemon: &Daemon, refs: &[ToolRef]) -> Result<Vec<Arc<Tool>>, RpcError> {
-    let mut out: Vec<Arc<Tool>> = Vec::with_capacity(refs.len());
-    for r in refs {
-        let tool = match r {
-            ToolRef::Named(name) => daemon.tools.get(name).ok_or_else(|| {
-                RpcError::invalid_params(format!(
-                    "`request.tools`: no tool `{name}` is registered (see tools.list)"
-                ))
-            })?,
-            ToolRef::Inline(def) => Arc::new(Tool::compile(def.clone()).map_err(|e| {
-                RpcError::invalid_params(format!("`request.tools`: tool `{}`: {e}", def.name))
-            })?),
-        };
-        if out.iter().any(|t| t.def.name == tool.def.name) {
-            return Err(RpcError::invalid_params(format!(
-                "`request.tools`: `{}` is given twice",
-                tool.def.name
-            )));
-        }
-        out.push(tool);
-    }
-    Ok(out)
 }
 
 /// Stream error types that mean "busy, try again" on each provider (Anthropic

@@ -367,6 +367,21 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
                 ),
             );
         }
+        if let Some(rl) = &p.rate_limit {
+            let zero = [
+                ("requests_per_minute", rl.requests_per_minute.map(u64::from)),
+                ("tokens_per_minute", rl.tokens_per_minute),
+                ("max_concurrent", rl.max_concurrent.map(u64::from)),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v == Some(0));
+            if let Some((key, _)) = zero {
+                return bad(
+                    "rate_limit",
+                    format!("`{key}` must be at least 1 (leave it out for no limit)"),
+                );
+            }
+        }
         if p.api_key_env.is_some() && p.api_key_file.is_some() {
             return bad(
                 "api_key_file",
@@ -583,6 +598,17 @@ base_url = "https://api.deepseek.com/v1"
             .unwrap_err()
             .0;
         assert!(e.contains("extra_headers"), "{e}");
+    }
+
+    #[test]
+    fn zero_rate_limits_rejected() {
+        let e = p("[profiles.g]\nprovider = \"gemini\"\nauth = \"api-key\"\n[profiles.g.rate_limit]\nmax_concurrent = 0\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("max_concurrent") && e.contains("at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -442,6 +442,7 @@ mod tests {
             request: &r,
             tools: &tools,
             stream: None,
+            observe: None,
         };
         let b = request_body(&call);
         assert_eq!(b["model"], "claude-x");
@@ -538,6 +539,7 @@ mod tests {
             request: &r,
             tools: &tools,
             stream: Some(sink),
+            observe: None,
         };
         let out = chat(&call).await;
         let _ = seen.await;

@@ -42,6 +42,8 @@ pub struct Call<'a> {
     pub tools: &'a [ToolDef],
     /// Where deltas go when streaming.
     pub stream: Option<&'a dyn DeltaSink>,
+    /// Sees the headers of every provider response (rate-limit signals), errors included.
+    pub observe: Option<&'a (dyn Fn(&HeaderMap) + Sync)>,
 }
 
 /// Why a provider call failed.
@@ -154,6 +156,9 @@ pub async fn post(
         .send()
         .await
         .map_err(|e| ProviderError::Network(describe(&e)))?;
+    if let Some(observe) = call.observe {
+        observe(resp.headers());
+    }
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -260,6 +265,7 @@ pub async fn embed(
         request: &request,
         tools: &[],
         stream: None,
+        observe: None,
     };
     let result = match provider {
         Provider::OpenaiCompat => openai::embed(&call, input).await?,
@@ -441,6 +447,7 @@ pub(crate) mod test_support {
                 request: &self.request,
                 tools: &self.tools,
                 stream: sink,
+                observe: None,
             }
         }
     }
