@@ -41,6 +41,8 @@ pub(crate) struct Connection {
     write_lock: tokio::sync::Mutex<()>,
     routes: Arc<Routes>,
     alive: Arc<AtomicBool>,
+    /// A request line was left half-written; nothing more may be sent here.
+    broken: AtomicBool,
     used: AtomicBool,
     next_id: AtomicI64,
     reader: tokio::task::JoinHandle<()>,
@@ -83,6 +85,7 @@ impl Connection {
             write_lock: tokio::sync::Mutex::new(()),
             routes,
             alive,
+            broken: AtomicBool::new(false),
             used: AtomicBool::new(false),
             next_id: AtomicI64::new(1),
             reader,
@@ -90,7 +93,7 @@ impl Connection {
     }
 
     pub(crate) fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.alive.load(Ordering::Acquire) && !self.broken.load(Ordering::Acquire)
     }
 
     /// True once the daemon has answered anything on this connection.
@@ -105,7 +108,13 @@ impl Connection {
     }
 
     pub(crate) async fn call(&self, method: &str, params: &RawValue) -> Answer {
-        let (_, rx) = self.start(method, params, None).await?;
+        let (id, rx) = self.start(method, params, None).await?;
+        // If the caller gives up (timeout, drop), forget the request so the routing table
+        // does not grow and a stray error is not matched to it.
+        let _forget = Forget {
+            routes: &self.routes,
+            id,
+        };
         self.finish(rx).await
     }
 
@@ -145,7 +154,16 @@ impl Connection {
         line.extend_from_slice(b"}\n");
         let _guard = self.write_lock.lock().await;
         let mut w: &Stream = &self.stream;
-        if w.write_all(&line).await.is_err() {
+        // A write abandoned half-way (the caller's future dropped) would leave half a line
+        // that the next request gets glued to: such a connection is retired and the next
+        // call opens a fresh one.
+        let mut unfinished = Unfinished {
+            broken: &self.broken,
+            done: false,
+        };
+        let written = w.write_all(&line).await;
+        unfinished.done = true;
+        if written.is_err() {
             lock(&self.routes.pending).remove(&id);
             self.end_stream(id);
             self.alive.store(false, Ordering::Release);
@@ -157,6 +175,33 @@ impl Connection {
     /// Stops routing notifications for `id`.
     pub(crate) fn end_stream(&self, id: i64) {
         lock(&self.routes.streams).remove(&id);
+    }
+}
+
+/// Marks the connection broken if a write is abandoned before it completes.
+struct Unfinished<'a> {
+    broken: &'a AtomicBool,
+    done: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.broken.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Removes a request's routes when its caller stops waiting.
+struct Forget<'a> {
+    routes: &'a Routes,
+    id: i64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(&self.routes.pending).remove(&self.id);
+        lock(&self.routes.streams).remove(&self.id);
     }
 }
 

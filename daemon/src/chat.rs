@@ -5,6 +5,8 @@
 use crate::config::AuthKind;
 use crate::profile::Profile;
 use crate::providers::{self, Call, DeltaSink, ProviderError};
+use crate::refresh::Force;
+use crate::secret::Secret;
 use crate::state::Daemon;
 use crate::tools::Tool;
 use llmd_proto::chat::{Block, ChatRequest, ChatResponse, Content, ToolDef};
@@ -80,7 +82,7 @@ pub async fn execute(
     let (mut overloads, mut server_errors, mut refreshed) = (0u32, 0u32, false);
     loop {
         let permit = profile.limiter.acquire(estimate).await;
-        let token = profile.token(MIN_TOKEN_VALIDITY_SECS, false).await?;
+        let token = profile.token(MIN_TOKEN_VALIDITY_SECS, Force::No).await?;
         let call = Call {
             http: &daemon.http,
             base_url: profile.base_url(),
@@ -119,7 +121,10 @@ pub async fn execute(
         {
             tracing::info!(profile = %profile.name, "provider answered 401; forcing a refresh and retrying once");
             refreshed = true;
-            profile.token(0, true).await?;
+            // Only a token that is still current and not brand new is worth replacing:
+            // another request may have refreshed already, or the 401 is not about it.
+            let used = Secret::new(token.token.as_str());
+            profile.token(0, Force::IfStale { used }).await?;
             continue;
         }
         if overloaded && overloads < MAX_OVERLOAD_RETRIES {

@@ -7,7 +7,7 @@ use crate::credentials::{
 };
 use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, Upstream};
 use crate::ratelimit::RateLimiter;
-use crate::refresh::{LoginHandle, LoginSpec};
+use crate::refresh::{Force, LoginHandle, LoginSpec};
 use crate::secret::Secret;
 use llmd_proto::methods::{Event, Limits, ProfileState, ProfileStatus, TokenResult};
 use llmd_proto::{ErrorKind, RpcError};
@@ -104,7 +104,7 @@ impl Profile {
     }
 
     /// A token valid for `min_valid` seconds, with the headers the provider needs.
-    pub async fn token(&self, min_valid: u64, force: bool) -> Result<TokenResult, RpcError> {
+    pub async fn token(&self, min_valid: u64, force: Force) -> Result<TokenResult, RpcError> {
         let (token, expires_at) = match &self.credential {
             Credential::Static(Ok(k)) => (k.clone(), None),
             Credential::Static(Err(why)) => {

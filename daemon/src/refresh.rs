@@ -3,9 +3,10 @@
 //!
 //! Readers look at a `watch` snapshot and never wait while the token is valid for what
 //! they need. Everything else (a token that is too old, a forced refresh, a changed file,
-//! the proactive timer) goes through the login's command queue, which the task handles one
-//! at a time, so at most one upstream refresh per login is ever in flight and callers who
-//! queued behind a refresh are answered from its result instead of starting another.
+//! the proactive timer, a new login) goes through the login's command queue, which the
+//! task handles one at a time, so at most one upstream refresh per login is ever in flight
+//! and callers who queued behind a refresh are answered from its result instead of
+//! starting another.
 
 use crate::credentials::claude_lock::ClaudeLocks;
 use crate::credentials::{unix_now, CasOutcome, Source, Tokens};
@@ -21,6 +22,16 @@ use tokio::time::Instant;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Longest delay between retries.
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// A caller whose `min_valid_secs` exceeds what a fresh token offers may trigger a refresh
+/// at most this often; otherwise a misconfigured agent would rotate the login per call.
+const DEMAND_MIN_INTERVAL: Duration = Duration::from_secs(60);
+/// A provider 401 forces a refresh only for a token older than this: a 401 right after a
+/// refresh is not about the token.
+const STALE_TOKEN_AGE: Duration = Duration::from_secs(60);
+/// How often a refreshed token pair that could not be written is written again.
+const PERSIST_RETRY: Duration = Duration::from_secs(5);
+/// `min_valid_secs` above this is treated as this (ten years), so arithmetic cannot wrap.
+const MAX_MIN_VALID: u64 = 10 * 365 * 86_400;
 
 /// What readers see of a login.
 #[derive(Clone, Debug)]
@@ -39,6 +50,11 @@ pub struct Snapshot {
     pub last_error: Option<String>,
 }
 
+/// Seconds a token expiring at `expires_at` stays valid (very large when it never does).
+fn remaining(expires_at: Option<i64>) -> i64 {
+    expires_at.map_or(i64::MAX, |e| e.saturating_sub(unix_now()))
+}
+
 impl Snapshot {
     /// The token if it is valid for at least `min_valid` more seconds.
     pub fn valid_token(&self, min_valid: u64) -> Option<(&Secret, Option<i64>)> {
@@ -46,22 +62,35 @@ impl Snapshot {
             return None;
         }
         let token = self.token.as_ref()?;
-        match self.expires_at {
-            Some(exp) if exp - unix_now() < min_valid as i64 => None,
-            _ => Some((token, self.expires_at)),
-        }
+        (remaining(self.expires_at) >= min_valid.min(MAX_MIN_VALID) as i64)
+            .then_some((token, self.expires_at))
     }
+}
+
+/// When a caller wants a refresh even though the token is valid.
+#[derive(Debug, Clone)]
+pub enum Force {
+    /// Only if the token is not valid for `min_valid` seconds.
+    No,
+    /// Always (an explicit `refresh`); joins a refresh that ended after the request.
+    Always,
+    /// Only if `used` is still the current token and was not just obtained (a provider
+    /// answered 401 for it).
+    IfStale {
+        /// The token the provider rejected.
+        used: Secret,
+    },
 }
 
 /// A request to the login task.
 #[derive(Debug)]
 pub enum Command {
-    /// A caller needs a token valid for `min_valid` seconds (after a refresh if `force`).
+    /// A caller needs a token valid for `min_valid` seconds.
     Get {
         /// Seconds the token must stay valid.
         min_valid: u64,
-        /// Refresh even if the token is still good.
-        force: bool,
+        /// Whether to refresh a valid token.
+        force: Force,
         /// When the caller asked; a refresh that ended later satisfies it.
         asked: Instant,
         /// Where the answer goes.
@@ -69,6 +98,13 @@ pub enum Command {
     },
     /// The login's file changed (or a reload asked for a re-read).
     SourceChanged,
+    /// A new login (`login.finish`): write it under the locks and adopt it.
+    Install {
+        /// The tokens of the new login.
+        tokens: Tokens,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Everything a login task needs.
@@ -114,6 +150,10 @@ impl LoginHandle {
         let mut task = LoginTask {
             spec,
             tokens: None,
+            refreshed_at: None,
+            spent: Vec::new(),
+            unsaved: false,
+            persist_at: None,
             dead: false,
             refreshing: false,
             refresh_at: None,
@@ -130,12 +170,7 @@ impl LoginHandle {
         };
         match initial {
             Ok(Some(t)) => task.adopt(t, false),
-            Ok(None) => {
-                task.last_error = Some(format!(
-                    "no login found at {}",
-                    task.spec.source.path().display()
-                ))
-            }
+            Ok(None) => task.last_error = Some(task.not_found()),
             Err(e) => task.last_error = Some(e),
         }
         task.publish();
@@ -156,9 +191,9 @@ impl LoginHandle {
     pub async fn token(
         &self,
         min_valid: u64,
-        force: bool,
+        force: Force,
     ) -> Result<(Secret, Option<i64>), RpcError> {
-        if !force {
+        if matches!(force, Force::No) {
             if let Some((t, e)) = self.snapshot.borrow().valid_token(min_valid) {
                 return Ok((t.clone(), e));
             }
@@ -177,6 +212,16 @@ impl LoginHandle {
             .map_err(|_| RpcError::internal("login task stopped"))?
     }
 
+    /// Hands a new login to the task, which writes it (under Claude Code's locks for a
+    /// shared login) and starts serving it.
+    pub async fn install(&self, tokens: Tokens) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Install { tokens, reply })
+            .map_err(|_| "login task stopped".to_owned())?;
+        rx.await.map_err(|_| "login task stopped".to_owned())?
+    }
+
     /// Tells the task its file changed.
     pub fn source_changed(&self) {
         let _ = self.commands.send(Command::SourceChanged);
@@ -191,6 +236,16 @@ impl LoginHandle {
 struct LoginTask {
     spec: LoginSpec,
     tokens: Option<Tokens>,
+    /// When this task obtained the current tokens by refreshing (`None` for tokens adopted
+    /// from the file, whose age is unknown).
+    refreshed_at: Option<Instant>,
+    /// Refresh tokens this task already exchanged: a file still holding one of them is
+    /// stale, never something to adopt.
+    spent: Vec<Secret>,
+    /// The current tokens are not on disk yet (the write failed).
+    unsaved: bool,
+    /// When to try writing unsaved tokens again.
+    persist_at: Option<Instant>,
     /// The refresh token is known dead: no upstream calls until the tokens change.
     dead: bool,
     refreshing: bool,
@@ -212,28 +267,39 @@ struct LoginTask {
 impl LoginTask {
     async fn run(mut self) {
         loop {
-            let wake = if self.dead || self.tokens.is_none() {
+            let refresh_due = if self.dead || self.tokens.is_none() {
                 None
             } else {
                 self.retry_at.or(self.refresh_at)
             };
+            let persist_due = if self.unsaved { self.persist_at } else { None };
             tokio::select! {
+                // Nobody holds a handle any more: stop before doing anything else.
+                biased;
+                _ = self.snapshot.closed() => break,
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Get { min_valid, force, asked, reply }) => {
-                        let answer = self.get(min_valid, force, asked).await;
+                        let answer = self.get(min_valid.min(MAX_MIN_VALID), force, asked).await;
                         let _ = reply.send(answer);
                     }
                     Some(Command::SourceChanged) => self.reread().await,
+                    Some(Command::Install { tokens, reply }) => {
+                        let _ = reply.send(self.install(tokens).await);
+                    }
                     None => break,
                 },
-                _ = sleep_until(wake) => {
+                _ = sleep_until(persist_due) => self.persist_again().await,
+                _ = sleep_until(refresh_due) => {
                     tracing::debug!(profile = %self.spec.profile, "proactive refresh");
                     self.refresh().await;
                 }
-                _ = self.snapshot.closed() => break,
             }
         }
         tracing::debug!(profile = %self.spec.profile, "login task stopped");
+    }
+
+    fn not_found(&self) -> String {
+        format!("no login found at {}", self.spec.source.path().display())
     }
 
     fn current(&self, min_valid: u64) -> Option<(Secret, Option<i64>)> {
@@ -241,16 +307,20 @@ impl LoginTask {
         if self.dead {
             return None;
         }
-        match t.expires_at {
-            Some(e) if e - unix_now() < min_valid as i64 => None,
-            _ => Some((t.access.clone(), t.expires_at)),
-        }
+        (remaining(t.expires_at) >= min_valid as i64).then(|| (t.access.clone(), t.expires_at))
+    }
+
+    /// True while the token is inside the refresh margin (or expired).
+    fn due(&self) -> bool {
+        self.tokens
+            .as_ref()
+            .is_some_and(|t| remaining(t.expires_at) <= self.spec.margin.as_secs() as i64)
     }
 
     async fn get(
         &mut self,
         min_valid: u64,
-        force: bool,
+        force: Force,
         asked: Instant,
     ) -> Result<(Secret, Option<i64>), RpcError> {
         if self.dead || self.tokens.is_none() {
@@ -263,20 +333,34 @@ impl LoginTask {
                 return Err(self.no_login_error());
             }
         }
-        if !force {
-            if let Some(t) = self.current(min_valid) {
-                return Ok(t);
-            }
-        }
         let joined = self.last_attempt_end.is_some_and(|end| end >= asked);
-        let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
-        if !joined && (force || !backing_off) {
+        let wanted = match &force {
+            Force::Always => !joined,
+            Force::IfStale { used } => {
+                let is_current = self.tokens.as_ref().is_some_and(|t| &t.access == used);
+                let fresh = self
+                    .refreshed_at
+                    .is_some_and(|t| t.elapsed() < STALE_TOKEN_AGE);
+                !joined && is_current && !fresh
+            }
+            Force::No => {
+                if let Some(t) = self.current(min_valid) {
+                    return Ok(t);
+                }
+                let backing_off = self.retry_at.is_some_and(|r| r > Instant::now());
+                let recently = self
+                    .last_attempt_end
+                    .is_some_and(|e| e.elapsed() < DEMAND_MIN_INTERVAL);
+                !joined && !backing_off && (self.due() || !recently)
+            }
+        };
+        if wanted {
             self.refresh().await;
         }
         if self.dead {
             return Err(self.needs_login_error());
         }
-        if force && !self.last_attempt_ok {
+        if matches!(force, Force::Always) && !self.last_attempt_ok {
             return Err(self.refresh_failed_error());
         }
         self.current(0).ok_or_else(|| {
@@ -290,10 +374,7 @@ impl LoginTask {
 
     fn no_login_error(&self) -> RpcError {
         let p = &self.spec.profile;
-        let why = self
-            .last_error
-            .clone()
-            .unwrap_or_else(|| format!("no login found at {}", self.spec.source.path().display()));
+        let why = self.last_error.clone().unwrap_or_else(|| self.not_found());
         RpcError::new(
             ErrorKind::NeedsLogin,
             format!("profile `{p}` has no usable login ({why}): run `llmctl login {p}`"),
@@ -303,11 +384,14 @@ impl LoginTask {
 
     fn needs_login_error(&self) -> RpcError {
         let p = &self.spec.profile;
+        let why = self
+            .last_error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
         RpcError::new(
             ErrorKind::NeedsLogin,
-            format!(
-                "the login of profile `{p}` has expired or was revoked: run `llmctl login {p}`"
-            ),
+            format!("the login of profile `{p}` has expired or was revoked{why}: run `llmctl login {p}`"),
         )
         .with("profile", p.as_str())
     }
@@ -329,23 +413,35 @@ impl LoginTask {
         .with("retry_after_ms", retry_ms)
     }
 
+    /// True for tokens on disk that this task has already moved past.
+    fn is_stale(&self, on_disk: &Tokens) -> bool {
+        on_disk
+            .refresh
+            .as_ref()
+            .is_some_and(|r| self.spent.contains(r))
+    }
+
     /// Re-reads the file and adopts what it holds when it differs.
     async fn reread(&mut self) {
         match self.spec.source.read_settled().await {
+            Ok(Some(t)) if self.is_stale(&t) => {
+                tracing::debug!(profile = %self.spec.profile, "login file holds tokens already refreshed; ignoring");
+            }
             Ok(Some(t)) => {
                 if self.tokens.as_ref() != Some(&t) {
                     tracing::info!(profile = %self.spec.profile, "adopted tokens written by another program");
                     self.adopt(t, false);
+                    self.unsaved = false;
                     self.publish();
                 }
             }
             Ok(None) => {
+                if self.unsaved {
+                    return;
+                }
                 if self.tokens.take().is_some() {
                     tracing::warn!(profile = %self.spec.profile, "login file removed");
-                    self.last_error = Some(format!(
-                        "no login found at {}",
-                        self.spec.source.path().display()
-                    ));
+                    self.last_error = Some(self.not_found());
                     self.publish();
                 }
             }
@@ -365,8 +461,9 @@ impl LoginTask {
         self.dead = false;
         self.retry_at = None;
         self.failures = 0;
+        self.refreshed_at = refreshed.then(Instant::now);
         self.refresh_at = t.expires_at.map(|exp| {
-            let remaining = (exp - unix_now()).max(0) as u64;
+            let remaining = exp.saturating_sub(unix_now()).clamp(0, i64::from(u32::MAX)) as u64;
             // Refresh `margin` ahead. A token we just got whose whole life is shorter than
             // the margin is refreshed half-way instead, so it cannot cause a refresh storm.
             let margin = self.spec.margin.as_secs();
@@ -382,7 +479,7 @@ impl LoginTask {
                 0
             };
             let at = Instant::now()
-                + Duration::from_millis((remaining - lead) * 1000)
+                + Duration::from_secs(remaining - lead)
                     .saturating_sub(Duration::from_millis(jitter));
             // A server that hands out already-expired tokens must not make us spin.
             if refreshed {
@@ -409,6 +506,48 @@ impl LoginTask {
                 error: None,
             });
         }
+    }
+
+    /// Writes tokens off the runtime's worker threads (two fsyncs).
+    async fn write(&self, tokens: &Tokens, expected: Option<Secret>) -> Result<CasOutcome, String> {
+        let source = self.spec.source.clone();
+        let tokens = tokens.clone();
+        tokio::task::spawn_blocking(move || source.write_cas(&tokens, expected.as_ref()))
+            .await
+            .map_err(|e| format!("write task failed: {e}"))?
+    }
+
+    async fn persist_again(&mut self) {
+        let Some(t) = self.tokens.clone() else {
+            self.unsaved = false;
+            return;
+        };
+        let expected = self.spent.last().cloned();
+        match self.write(&t, expected).await {
+            Ok(_) => {
+                tracing::info!(profile = %self.spec.profile, "refreshed tokens written after an earlier failure");
+                self.unsaved = false;
+                self.last_error = None;
+                self.publish();
+            }
+            Err(e) => {
+                tracing::warn!(profile = %self.spec.profile, error = %e, "still cannot write refreshed tokens");
+                self.persist_at = Some(Instant::now() + PERSIST_RETRY);
+            }
+        }
+    }
+
+    /// A new login from `login.finish`: written under the locks, then served.
+    async fn install(&mut self, tokens: Tokens) -> Result<(), String> {
+        let _guard = match &self.spec.locks {
+            Some(locks) => Some(locks.acquire().await?),
+            None => None,
+        };
+        self.write(&tokens, None).await?;
+        self.adopt(tokens, false);
+        self.unsaved = false;
+        self.publish();
+        Ok(())
     }
 
     /// One refresh attempt, under Claude Code's locks when the login is shared with it.
@@ -451,37 +590,33 @@ impl LoginTask {
         };
         // Under the lock, the file is the truth: another program may have refreshed.
         match self.spec.source.read_settled().await {
-            Ok(Some(on_disk)) if self.tokens.as_ref() != Some(&on_disk) => {
+            Ok(Some(on_disk))
+                if !self.is_stale(&on_disk) && self.tokens.as_ref() != Some(&on_disk) =>
+            {
                 let newer = on_disk.refresh != self.tokens.as_ref().and_then(|t| t.refresh.clone());
                 tracing::info!(profile = %self.spec.profile, "login file changed before refresh; adopting it");
                 self.adopt(on_disk, false);
-                if newer && self.current(self.spec.margin.as_secs()).is_some() {
+                if newer && !self.due() {
                     return Ok(());
                 }
             }
-            Ok(None) if self.tokens.is_none() => {
-                return Err(RefreshError::Dead(format!(
-                    "no login found at {}",
-                    self.spec.source.path().display()
-                )));
-            }
+            Ok(None) if self.tokens.is_none() => return Err(RefreshError::Dead(self.not_found())),
             _ => {}
         }
         let Some(current) = self.tokens.clone() else {
-            return Err(RefreshError::Dead("no login".into()));
+            return Err(RefreshError::Dead(self.not_found()));
         };
-        let result = tokio::time::timeout(
-            self.spec.timeout,
-            self.spec.upstream.refresh(&self.spec.http, &current),
-        )
-        .await;
-        let new = match result {
+        let call = self.spec.upstream.refresh(&self.spec.http, &current);
+        let new = match tokio::time::timeout(self.spec.timeout, call).await {
             Ok(Ok(t)) => t,
             Ok(Err(RefreshError::Dead(why))) => {
                 // Someone may have refreshed with our refresh token meanwhile and written
                 // the result: adopt it instead of giving up.
                 if let Ok(Some(on_disk)) = self.spec.source.read_settled().await {
-                    if on_disk.refresh.is_some() && on_disk.refresh != current.refresh {
+                    if on_disk.refresh.is_some()
+                        && on_disk.refresh != current.refresh
+                        && !self.is_stale(&on_disk)
+                    {
                         tracing::info!(profile = %self.spec.profile, "refresh token was spent by another program; adopting its tokens");
                         self.adopt(on_disk, false);
                         return Ok(());
@@ -497,9 +632,18 @@ impl LoginTask {
                 )))
             }
         };
+        if let Some(r) = &current.refresh {
+            if new.refresh.as_ref() != Some(r) {
+                self.spent.push(r.clone());
+                // Only the most recent ones can still be on disk somewhere.
+                if self.spent.len() > 8 {
+                    self.spent.remove(0);
+                }
+            }
+        }
         // Persist before anyone sees the new token: a crash now must not lose the only
         // copy of a rotated refresh token.
-        match self.spec.source.write_cas(&new, current.refresh.as_ref()) {
+        match self.write(&new, current.refresh.clone()).await {
             Ok(CasOutcome::Written) => {}
             Ok(CasOutcome::Conflict(on_disk)) => {
                 tracing::warn!(profile = %self.spec.profile, "login file changed during refresh; keeping the file's tokens");
@@ -507,19 +651,21 @@ impl LoginTask {
                 return Ok(());
             }
             Err(e) => {
-                tracing::error!(profile = %self.spec.profile, error = %e, "cannot persist refreshed tokens; serving them from memory");
+                tracing::error!(profile = %self.spec.profile, error = %e, "cannot write refreshed tokens; serving them from memory and retrying the write");
                 self.adopt(new, true);
-                self.last_error = Some(e);
+                self.unsaved = true;
+                self.persist_at = Some(Instant::now() + PERSIST_RETRY);
+                self.last_error = Some(format!("refreshed tokens not saved yet: {e}"));
                 return Ok(());
             }
         }
         tracing::info!(profile = %self.spec.profile, expires_at = new.expires_at, "refreshed");
         self.adopt(new, true);
+        self.unsaved = false;
         Ok(())
     }
 
     fn publish(&mut self) {
-        let now = unix_now();
         let state = if self.dead {
             ProfileState::NeedsLogin
         } else if self.refreshing {
@@ -527,7 +673,7 @@ impl LoginTask {
         } else {
             match &self.tokens {
                 None => ProfileState::Missing,
-                Some(t) if t.expires_at.is_some_and(|e| e <= now) && self.last_error.is_some() => {
+                Some(t) if remaining(t.expires_at) <= 0 && self.last_error.is_some() => {
                     ProfileState::Error
                 }
                 Some(_) => ProfileState::Ok,

@@ -40,7 +40,7 @@ impl BundleFile {
             ));
         }
         let obj: Map<String, Value> = serde_json::from_slice(&text)
-            .map_err(|e| format!("bundle {} is not a JSON object: {e}", p.display()))?;
+            .map_err(|e| format!("bundle {}: {}", p.display(), super::json_problem(&e)))?;
         let access = obj
             .get("access_token")
             .and_then(Value::as_str)
@@ -55,7 +55,10 @@ impl BundleFile {
                 .and_then(Value::as_str)
                 .filter(|s| !s.is_empty())
                 .map(Secret::new),
-            expires_at: obj.get("expires_at").and_then(Value::as_i64),
+            expires_at: obj
+                .get("expires_at")
+                .and_then(Value::as_i64)
+                .map(super::clamp_expiry),
             scopes: scopes_of(obj.get("scopes")),
         };
         Ok(Some((tokens, obj)))
@@ -63,9 +66,11 @@ impl BundleFile {
 
     /// Writes `tokens`, keeping the other fields of the current file.
     pub fn write(&self, tokens: &Tokens) -> Result<(), String> {
-        let mut obj = match self.read_object() {
-            Ok(Some((_, obj))) => obj,
-            _ => Map::new(),
+        // A file that exists but cannot be read is not overwritten: it may hold fields
+        // (region, account) that the rewrite would lose.
+        let mut obj = match self.read_object()? {
+            Some((_, obj)) => obj,
+            None => Map::new(),
         };
         obj.insert(
             "access_token".into(),

@@ -52,7 +52,7 @@ impl CredentialsFile {
             expires_at: oauth
                 .get("expiresAt")
                 .and_then(Value::as_i64)
-                .map(|ms| ms / 1000),
+                .map(|ms| super::clamp_expiry(ms / 1000)),
             scopes: scopes_of(oauth.get("scopes")),
         }))
     }
@@ -65,7 +65,7 @@ impl CredentialsFile {
         };
         serde_json::from_slice(&text)
             .map(Some)
-            .map_err(|e| format!("{} is not a JSON object: {e}", self.path.display()))
+            .map_err(|e| format!("{}: {}", self.path.display(), super::json_problem(&e)))
     }
 
     /// Writes the tokens into `claudeAiOauth`, keeping every other field; creates the file

@@ -74,17 +74,30 @@ impl Source {
         for attempt in 0..6 {
             match self.read() {
                 Ok(t) => return Ok(t),
-                Err(e) => last = e,
+                // Only a file that ends early can be a write in progress; any other error
+                // (permissions, wrong shape) will not fix itself in a second.
+                Err(e) if self.truncated() => last = e,
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
         }
         Err(last)
     }
 
+    /// True when the file's JSON stops before its end (or the file is empty).
+    fn truncated(&self) -> bool {
+        std::fs::read(self.path()).is_ok_and(|bytes| {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err_and(|e| e.is_eof())
+        })
+    }
+
     /// Writes `new` only if the file still holds `expected` as its refresh token (or has
     /// no tokens at all), keeping every other field.
     pub fn write_cas(&self, new: &Tokens, expected: Option<&Secret>) -> Result<CasOutcome, String> {
-        let current = self.read().unwrap_or(None);
+        // Unreadable is not the same as absent: never overwrite what we could not check.
+        let current = self
+            .read()
+            .map_err(|e| format!("cannot check the login file before writing: {e}"))?;
         if let (Some(cur), Some(exp)) = (&current, expected) {
             if cur.refresh.as_ref() != Some(exp) && cur != new {
                 return Ok(CasOutcome::Conflict(cur.clone()));
@@ -95,6 +108,29 @@ impl Source {
             Source::ClaudeCli(c) => c.write(new),
         }
         .map(|()| CasOutcome::Written)
+    }
+}
+
+/// Latest expiry accepted from a file (year 9999); larger values are clamped so that
+/// arithmetic on them cannot overflow.
+const MAX_EXPIRY: i64 = 253_402_300_799;
+
+/// An `expires_at` from a file, clamped to a sane range.
+pub fn clamp_expiry(unix_secs: i64) -> i64 {
+    unix_secs.clamp(0, MAX_EXPIRY)
+}
+
+/// A JSON error described without quoting the file's content (which may be a token).
+pub fn json_problem(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Eof => "ends early (being written?)".into(),
+        serde_json::error::Category::Syntax => format!(
+            "is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ),
+        serde_json::error::Category::Data => "is not a JSON object".into(),
+        serde_json::error::Category::Io => "cannot be read".into(),
     }
 }
 

@@ -63,7 +63,7 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         return Err(RpcError::invalid_params("`input` is empty"));
     }
     let profile = ctx.daemon.profile(&p.profile)?;
-    let token = profile.token(60, false).await?;
+    let token = profile.token(60, crate::refresh::Force::No).await?;
     let result = crate::providers::embed(
         profile.config.provider,
         &ctx.daemon.http,

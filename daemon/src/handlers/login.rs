@@ -57,20 +57,17 @@ pub async fn finish(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         .finish_login(&ctx.daemon.http, &pending, &p.code)
         .await
         .map_err(|e| RpcError::new(ErrorKind::Upstream, e))?;
-    let state_dir = ctx.daemon.registry().state_dir.clone();
-    let source = profile
-        .login_source(&state_dir)
-        .ok_or_else(|| RpcError::internal("profile has no login file"))?;
-    let write = match &source {
-        crate::credentials::Source::Bundle(b) => b.write(&tokens),
-        crate::credentials::Source::ClaudeCli(c) => c.write(&tokens),
-    };
-    write.map_err(RpcError::internal)?;
+    // The login task writes the tokens (under Claude Code's locks for a shared login) so
+    // nothing else writes that file at the same time.
+    let login = profile
+        .login()
+        .ok_or_else(|| RpcError::internal("profile has no login task"))?;
+    login
+        .install(tokens.clone())
+        .await
+        .map_err(|e| RpcError::internal(format!("cannot store the new login: {e}")))?;
     if let Ok(mut l) = ctx.daemon.pending_logins.lock() {
         l.remove(&p.profile);
-    }
-    if let Some(h) = profile.login() {
-        h.source_changed();
     }
     tracing::info!(profile = %p.profile, "login completed");
     ok(&LoginFinishResult {

@@ -16,6 +16,8 @@ pub const DEFAULT_CLIENT_ID: &str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e";
 pub const DEFAULT_AUTHORIZE_URL: &str = "https://claude.com/cai/oauth/authorize";
 /// Redirect URI that shows the user `code#state`.
 pub const DEFAULT_REDIRECT_URI: &str = "https://platform.claude.com/oauth/code/callback";
+/// Longest wait for the code exchange of a login.
+const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Scopes asked for at login.
 pub const DEFAULT_SCOPES: &str = "user:profile user:inference";
 
@@ -132,7 +134,12 @@ impl AnthropicOAuth {
             "client_id": self.client_id,
             "code_verifier": pending.verifier.expose(),
         });
-        let resp = http.post(&self.token_endpoint).json(&body).send().await;
+        let resp = http
+            .post(&self.token_endpoint)
+            .timeout(EXCHANGE_TIMEOUT)
+            .json(&body)
+            .send()
+            .await;
         parse_token_response(resp, None, &self.scopes, "expires_in")
             .await
             .map_err(|e| format!("code exchange failed: {e}"))

@@ -74,7 +74,6 @@ pub(crate) async fn parse_token_response(
         Value::String(s) => s.clone(),
         Value::Object(o) => o
             .get("type")
-            .or(o.get("message"))
             .and_then(Value::as_str)
             .unwrap_or("error")
             .to_owned(),

@@ -97,19 +97,64 @@ impl ProviderError {
     }
 }
 
-/// Parses `retry-after` (seconds; fractional allowed) or `retry-after-ms`.
+/// Longest wait a provider's `retry-after` can impose; a bigger value (or garbage such as
+/// `inf`) must not freeze a profile for a day.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Parses `retry-after` (seconds; fractional allowed) or `retry-after-ms`, capped at
+/// [`MAX_RETRY_AFTER`].
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| n.is_finite())
+    };
+    let secs = match number("retry-after-ms") {
+        Some(ms) => ms / 1000.0,
+        None => number("retry-after")?,
+    };
+    Some(
+        Duration::try_from_secs_f64(secs.max(0.0))
+            .map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER)),
+    )
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn hostile_values_are_bounded() {
+        let h = |k: &str, v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+            m
+        };
+        assert_eq!(
+            retry_after(&h("retry-after", "2")),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            retry_after(&h("retry-after-ms", "1500")),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            retry_after(&h("retry-after", "86400")),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after(&h("retry-after", "1e400")), None);
+        assert_eq!(retry_after(&h("retry-after", "inf")), None);
+        assert_eq!(retry_after(&h("retry-after", "-3")), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&h("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")),
+            None
+        );
     }
-    let v = headers.get("retry-after")?.to_str().ok()?.trim();
-    v.parse::<f64>()
-        .ok()
-        .map(|s| Duration::from_secs_f64(s.max(0.0)))
 }
 
 /// Default API base of each provider.

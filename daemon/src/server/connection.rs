@@ -3,6 +3,7 @@
 
 use crate::handlers::{self, Ctx};
 use crate::state::Daemon;
+use futures_util::FutureExt;
 use interprocess::local_socket::tokio::Stream;
 use llmd_proto::{encode_line, ErrorKind, Id, LineDecoder, Request, Response, RpcError};
 use serde_json::value::RawValue;
@@ -96,13 +97,17 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
         closing: CancellationToken::new(),
         inflight: Mutex::new(HashMap::new()),
     });
-    let writer = tokio::spawn(write_loop(stream.clone(), queue, conn.gone.clone()));
     let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
+    let writer = tokio::spawn(write_loop(stream.clone(), queue, conn.gone.clone(), idle));
+    let max_in_flight = cfg.max_queued_responses.saturating_mul(4);
+    // When the current unfinished line began: the idle limit counts from there, so a
+    // trickle of bytes cannot keep a half line (and its buffer) alive forever.
+    let mut partial_since: Option<tokio::time::Instant> = None;
     let mut decoder = LineDecoder::new(cfg.max_frame_bytes);
     'read: loop {
         loop {
             match decoder.decode() {
-                Ok(Some(line)) => dispatch(&daemon, &conn, line),
+                Ok(Some(line)) => dispatch(&daemon, &conn, line, max_in_flight),
                 Ok(None) => break,
                 Err(too_large) => {
                     let e = RpcError::new(
@@ -116,11 +121,16 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
                 }
             }
         }
-        let partial = decoder.has_partial_line();
+        partial_since = match (decoder.has_partial_line(), partial_since) {
+            (false, _) => None,
+            (true, None) => Some(tokio::time::Instant::now()),
+            (true, since) => since,
+        };
+        let deadline = partial_since.map(|since| since + idle);
         let read = rx.read_buf(decoder.buffer());
         let n = tokio::select! {
             r = read => r,
-            _ = tokio::time::sleep(idle), if partial => {
+            _ = sleep_until(deadline) => {
                 tracing::debug!("closing connection idle mid-line");
                 conn.abort_all();
                 break 'read;
@@ -181,7 +191,14 @@ fn hangup_watch(stream: &Arc<Stream>, conn: &Arc<Conn>) {
     });
 }
 
-fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8]) {
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: usize) {
     if line.iter().all(u8::is_ascii_whitespace) {
         return;
     }
@@ -211,13 +228,36 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8]) {
         tracing::Span::none()
     };
     let mut inflight = lock(&conn.inflight);
+    if inflight.len() >= max_in_flight {
+        drop(inflight);
+        let e = RpcError::new(
+            ErrorKind::Busy,
+            format!("{max_in_flight} requests already in flight on this connection; wait for some answers"),
+        );
+        conn.respond(req.id.as_ref(), Err(e));
+        return;
+    }
     let id = req.id.clone();
     let task = tokio::spawn(
         async move {
-            let result =
-                handlers::dispatch(&ctx, req.id.as_ref(), &req.method, req.params.as_deref()).await;
+            // A panicking handler (a bug) must still answer, or the caller waits forever.
+            let work =
+                handlers::dispatch(&ctx, req.id.as_ref(), &req.method, req.params.as_deref());
+            let result = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::error!(method = %req.method, "request handler panicked");
+                    Err(RpcError::internal(
+                        "internal error while handling the request",
+                    ))
+                }
+            };
             if let Some(id) = &req.id {
-                lock(&ctx.conn.inflight).remove(id);
+                // `cancel` removes the entry and answers itself: then this answer is dropped,
+                // so each id gets exactly one response.
+                if lock(&ctx.conn.inflight).remove(id).is_none() {
+                    return;
+                }
                 if let Err(e) = &result {
                     tracing::debug!(code = e.code, error = %e.message, "request failed");
                 }
@@ -235,6 +275,7 @@ async fn write_loop(
     stream: Arc<Stream>,
     mut queue: mpsc::Receiver<Vec<u8>>,
     gone: CancellationToken,
+    write_timeout: Duration,
 ) {
     let mut tx: &Stream = &stream;
     let mut batch = Vec::with_capacity(16 * 1024);
@@ -253,9 +294,10 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let write = tx.write_all(&batch);
+        // A client that stops reading is dropped once a write has been stuck this long.
+        let write = tokio::time::timeout(write_timeout, tx.write_all(&batch));
         let ok = tokio::select! {
-            r = write => r.is_ok(),
+            r = write => matches!(r, Ok(Ok(()))),
             _ = gone.cancelled() => false,
         };
         if !ok {
