@@ -60,39 +60,51 @@ pub struct Env<'a> {
 }
 
 impl Profile {
-    /// Builds a profile, starting its login task when it has one.
-    pub fn build(name: &str, cfg: &ProfileConfig, env: &Env<'_>) -> Profile {
+    /// Builds a profile. An OAuth profile gets the running login task of `logins` whose
+    /// key matches (so one login file always has exactly one task, across profiles and
+    /// reloads), else a new task that is added to `logins`.
+    pub fn build(
+        name: &str,
+        cfg: &ProfileConfig,
+        env: &Env<'_>,
+        logins: &mut Vec<(LoginKey, LoginHandle)>,
+    ) -> Profile {
         let credential = match cfg.auth {
             AuthKind::ApiKey => Credential::Static(api_key::load(name, cfg, env.state_dir)),
             AuthKind::SetupToken => Credential::Static(load_setup_token(name, cfg, env.state_dir)),
             AuthKind::Oauth | AuthKind::ClaudeCli => {
-                let (source, locks) = login_source(name, cfg, env.state_dir);
-                let bundle_region = match &source {
-                    Source::Bundle(b) => b.read_object().ok().flatten().and_then(|(_, o)| {
-                        o.get("region").and_then(|r| r.as_str()).map(str::to_owned)
-                    }),
-                    Source::ClaudeCli(_) => None,
-                };
-                let upstream = match cfg.provider {
-                    Provider::Minimax => {
-                        Upstream::Minimax(MinimaxOAuth::from_profile(cfg, bundle_region.as_deref()))
+                let key = LoginKey::of(name, cfg, env);
+                let handle = match logins.iter().find(|(k, _)| *k == key) {
+                    Some((_, h)) => {
+                        h.source_changed();
+                        h.clone()
                     }
-                    _ => Upstream::Anthropic(AnthropicOAuth::from_profile(cfg)),
+                    None => {
+                        if logins
+                            .iter()
+                            .any(|(k, _)| k.source.path() == key.source.path())
+                        {
+                            tracing::warn!(
+                                profile = name,
+                                file = %key.source.path().display(),
+                                "two profiles use one login file with different OAuth settings; they will refresh it independently"
+                            );
+                        }
+                        let h = LoginHandle::spawn(LoginSpec {
+                            profile: name.to_owned(),
+                            source: key.source.clone(),
+                            upstream: key.upstream.clone(),
+                            locks: key.locks.clone(),
+                            margin: key.margin,
+                            timeout: key.timeout,
+                            http: env.http.clone(),
+                            events: env.events.clone(),
+                        });
+                        logins.push((key, h.clone()));
+                        h
+                    }
                 };
-                Credential::Login(LoginHandle::spawn(LoginSpec {
-                    profile: name.to_owned(),
-                    source,
-                    upstream,
-                    locks,
-                    margin: if cfg.auth == AuthKind::ClaudeCli {
-                        env.margin.max(CLAUDE_MIN_MARGIN)
-                    } else {
-                        env.margin
-                    },
-                    timeout: env.timeout,
-                    http: env.http.clone(),
-                    events: env.events.clone(),
-                }))
+                Credential::Login(handle)
             }
         };
         Profile {
@@ -101,6 +113,14 @@ impl Profile {
             credential,
             limiter: Arc::new(RateLimiter::new(cfg.rate_limit.as_ref())),
         }
+    }
+
+    /// The identity of this profile's login task, for OAuth profiles.
+    pub fn login_key(&self, env: &Env<'_>) -> Option<LoginKey> {
+        self.config
+            .auth
+            .is_login()
+            .then(|| LoginKey::of(&self.name, &self.config, env))
     }
 
     /// A token valid for `min_valid` seconds, with the headers the provider needs.
@@ -214,6 +234,53 @@ fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => setup_token::validate(&v),
         _ => Err(format!("no setup-token: set {var} or run `llmctl set-key {name}` with the output of `claude setup-token`")),
+    }
+}
+
+/// Everything that defines a login task: profiles whose keys are equal share one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginKey {
+    /// The login file.
+    pub source: Source,
+    /// Its token endpoint and client.
+    pub upstream: Upstream,
+    /// Claude Code's locks, for shared logins.
+    pub locks: Option<ClaudeLocks>,
+    /// Refresh margin.
+    pub margin: Duration,
+    /// Upstream timeout.
+    pub timeout: Duration,
+}
+
+impl LoginKey {
+    fn of(name: &str, cfg: &ProfileConfig, env: &Env<'_>) -> LoginKey {
+        let (source, locks) = login_source(name, cfg, env.state_dir);
+        let bundle_region = match &source {
+            Source::Bundle(b) => b
+                .read_object()
+                .ok()
+                .flatten()
+                .and_then(|(_, o)| o.get("region").and_then(|r| r.as_str()).map(str::to_owned)),
+            Source::ClaudeCli(_) => None,
+        };
+        let upstream = match cfg.provider {
+            Provider::Minimax => {
+                Upstream::Minimax(MinimaxOAuth::from_profile(cfg, bundle_region.as_deref()))
+            }
+            _ => Upstream::Anthropic(AnthropicOAuth::from_profile(cfg)),
+        };
+        let margin = if cfg.auth == AuthKind::ClaudeCli {
+            env.margin.max(CLAUDE_MIN_MARGIN)
+        } else {
+            env.margin
+        };
+        LoginKey {
+            source,
+            upstream,
+            locks,
+            margin,
+            timeout: env.timeout,
+        }
     }
 }
 

@@ -98,6 +98,8 @@ pub enum Command {
     },
     /// The login's file changed (or a reload asked for a re-read).
     SourceChanged,
+    /// The task was replaced by a reload: stop, so two tasks never refresh one file.
+    Retire,
     /// A new login (`login.finish`): write it under the locks and adopt it.
     Install {
         /// The tokens of the new login.
@@ -222,6 +224,16 @@ impl LoginHandle {
         rx.await.map_err(|_| "login task stopped".to_owned())?
     }
 
+    /// True when both handles lead to the same task.
+    pub fn same_task(&self, other: &LoginHandle) -> bool {
+        self.commands.same_channel(&other.commands)
+    }
+
+    /// Stops the task (its profile was reconfigured and a new task took over).
+    pub fn retire(&self) {
+        let _ = self.commands.send(Command::Retire);
+    }
+
     /// Tells the task its file changed.
     pub fn source_changed(&self) {
         let _ = self.commands.send(Command::SourceChanged);
@@ -286,7 +298,7 @@ impl LoginTask {
                     Some(Command::Install { tokens, reply }) => {
                         let _ = reply.send(self.install(tokens).await);
                     }
-                    None => break,
+                    Some(Command::Retire) | None => break,
                 },
                 _ = sleep_until(persist_due) => self.persist_again().await,
                 _ = sleep_until(refresh_due) => {

@@ -52,6 +52,8 @@ pub struct Daemon {
     config_path: PathBuf,
     config_explicit: bool,
     registry: RwLock<Arc<Registry>>,
+    /// Serializes reloads and profile rebuilds so neither overwrites the other.
+    install_lock: Mutex<()>,
     watcher: Watcher,
 }
 
@@ -89,6 +91,7 @@ impl Daemon {
             config_path,
             config_explicit,
             registry: RwLock::new(Arc::new(empty)),
+            install_lock: Mutex::new(()),
             watcher: Watcher::spawn(),
         });
         daemon.install(config, source, &BTreeMap::new());
@@ -125,15 +128,27 @@ impl Daemon {
 
     /// Rebuilds one profile from the current config (after its stored credential changed).
     pub fn rebuild_profile(&self, name: &str) {
+        let _one_at_a_time = lock(&self.install_lock);
         let reg = self.registry();
         let mut keep = reg.profiles.clone();
         keep.remove(name);
-        self.install(reg.config.clone(), reg.source.clone(), &keep);
+        self.install_locked(reg.config.clone(), reg.source.clone(), &keep);
     }
 
-    /// Makes `config` current, reusing login tasks whose settings did not change (they
-    /// re-read their files instead), and points the file watcher at the new set.
     fn install(
+        &self,
+        config: Config,
+        source: ConfigSource,
+        reuse: &BTreeMap<String, Arc<Profile>>,
+    ) -> Vec<String> {
+        let _one_at_a_time = lock(&self.install_lock);
+        self.install_locked(config, source, reuse)
+    }
+
+    /// Makes `config` current and points the file watcher at the new set. Login tasks are
+    /// kept across reloads (they re-read their files instead) and shared by profiles that
+    /// use the same login, so one login never has two refreshers.
+    fn install_locked(
         &self,
         config: Config,
         source: ConfigSource,
@@ -147,33 +162,36 @@ impl Daemon {
             http: &self.http,
             events: &self.events,
         };
-        let same_daemon = self.registry().config.daemon == config.daemon;
+        let mut logins: Vec<_> = self
+            .registry()
+            .profiles
+            .values()
+            .chain(reuse.values())
+            .filter_map(|p| Some((p.login_key(&env)?, p.login()?.clone())))
+            .collect();
+        let before: Vec<_> = logins.iter().map(|(_, h)| h.clone()).collect();
         let mut profiles = BTreeMap::new();
         for (name, cfg) in &config.profiles {
-            let reused = reuse
+            let mut fresh = Profile::build(name, cfg, &env, &mut logins);
+            // Limits belong to the traffic, not to the credential: keep the running
+            // limiter when its settings did not change.
+            if let Some(old) = reuse
                 .get(name)
-                .filter(|p| same_daemon && p.config == *cfg && p.login().is_some());
-            let profile = match reused {
-                Some(p) => {
-                    if let Some(h) = p.login() {
-                        h.source_changed();
-                    }
-                    p.clone()
-                }
-                None => {
-                    let mut fresh = Profile::build(name, cfg, &env);
-                    // Limits belong to the traffic, not to the credential: keep the running
-                    // limiter when its settings did not change.
-                    if let Some(old) = reuse
-                        .get(name)
-                        .filter(|p| p.config.rate_limit == cfg.rate_limit)
-                    {
-                        fresh.limiter = old.limiter.clone();
-                    }
-                    Arc::new(fresh)
-                }
-            };
-            profiles.insert(name.clone(), profile);
+                .filter(|p| p.config.rate_limit == cfg.rate_limit)
+            {
+                fresh.limiter = old.limiter.clone();
+            }
+            profiles.insert(name.clone(), Arc::new(fresh));
+        }
+        // Tasks no profile uses any more stop now, not when the last in-flight request
+        // drops its handle: a replaced task must not refresh alongside its successor.
+        for old in &before {
+            if !profiles
+                .values()
+                .any(|p: &Arc<Profile>| p.login().is_some_and(|h| h.same_task(old)))
+            {
+                old.retire();
+            }
         }
         let targets = profiles
             .values()
@@ -198,4 +216,8 @@ impl Daemon {
         }
         names
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -894,3 +894,50 @@ async fn half_written_file_is_retried_not_adopted_broken() {
     let s = c.status().await.unwrap();
     assert_eq!(s.profiles[0].state, ProfileState::Ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_login_file_has_one_refresher_across_profiles_and_reloads() {
+    let fake = FakeOAuth::start(3600).await;
+    fake.state().delay = Duration::from_millis(200);
+    let profiles = |model: &str| {
+        format!(
+            "[profiles.a]\nprovider = \"anthropic\"\nauth = \"oauth\"\nbundle = \"{{home}}/shared.json\"\ntoken_endpoint = \"{url}\"\ndefault_model = \"{model}\"\n\n[profiles.b]\nprovider = \"anthropic\"\nauth = \"oauth\"\nbundle = \"{{home}}/shared.json\"\ntoken_endpoint = \"{url}\"\n",
+            url = fake.anthropic_url()
+        )
+    };
+    let d = Daemon::builder()
+        .config(&profiles("m1"))
+        .file(
+            "shared.json",
+            &bundle(&access_of(0), &refresh_of(0), now() + 3600),
+            0o600,
+        )
+        .start();
+    let c = d.client().await;
+    let (a, b) = tokio::join!(c.refresh("a"), c.refresh("b"));
+    assert_eq!(a.unwrap().token, access_of(1));
+    assert_eq!(b.unwrap().token, access_of(1));
+    assert_eq!(
+        fake.refresh_calls(),
+        1,
+        "both profiles share one login task"
+    );
+    // A reload that changes something unrelated to the login keeps the same task.
+    std::fs::write(
+        d.home.join("config/llmd/config.toml"),
+        profiles("m2").replace("{home}", &d.home.to_string_lossy()),
+    )
+    .unwrap();
+    c.reload().await.unwrap();
+    let s = c.status().await.unwrap();
+    assert!(
+        s.profiles.iter().all(|p| p.refresh_count == 1),
+        "{:?}",
+        s.profiles
+    );
+    let (a, b) = tokio::join!(c.refresh("a"), c.refresh("b"));
+    assert_eq!(a.unwrap().token, access_of(2));
+    assert_eq!(b.unwrap().token, access_of(2));
+    assert_eq!(fake.refresh_calls(), 2);
+    assert_eq!(fake.invalid_grants(), 0);
+}
