@@ -19,5 +19,6 @@ pub mod refresh;
 pub mod secret;
 pub mod server;
 pub mod state;
+pub mod systemd;
 pub mod tools;
 pub mod watch;

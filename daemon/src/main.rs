@@ -1,13 +1,14 @@
-//! The `llmd` binary: parse flags, load config, bind, serve, stop cleanly on signals.
+//! The `llmd` binary: parse flags, load config, bind (or take systemd's socket), serve, stop
+//! cleanly on signals.
 
 use clap::Parser;
 use llmd::config;
 use llmd::server::{self, listener};
 use llmd::state::Daemon;
+use llmd::systemd::{self, Manager};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
 
 /// Per-user daemon that owns LLM credentials and serves them over a Unix socket.
 #[derive(Parser, Debug)]
@@ -27,6 +28,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     llmd::logging::init();
+    // Before the runtime starts any thread: this edits the environment.
+    let manager = Manager::from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,7 +40,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args, manager));
+    // Requests cut at the end of the grace period still have tasks; they are dropped here,
+    // and nothing may hold the exit for long.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("llmd: {e}");
@@ -46,7 +53,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(args: Args, manager: Manager) -> Result<(), String> {
     let (config_path, explicit) = config::config_path(args.config);
     let (cfg, source) = config::load(&config_path, explicit).map_err(|e| e.0)?;
     if args.check_config {
@@ -55,37 +62,32 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let socket = llmd_proto::paths::resolve_socket_path(args.socket, cfg.daemon.socket.clone());
     let grace = Duration::from_secs(cfg.daemon.shutdown_grace_secs);
-    let listener = match listener::from_systemd()? {
-        Some(l) => {
-            tracing::info!("using the socket passed by systemd");
-            l
+    let (listener, shown, probe_address) = match listener::from_systemd()? {
+        Some((l, addr)) => {
+            let shown = listener::describe(&addr);
+            tracing::info!(socket = %shown, "using the socket passed by systemd");
+            (l, shown, Some(addr))
         }
-        None => listener::bind(&socket)?,
+        None => {
+            let l = listener::bind(&socket)?;
+            let addr = std::os::unix::net::SocketAddr::from_pathname(&socket).ok();
+            (l, socket.display().to_string(), addr)
+        }
     };
     let daemon = Daemon::new(cfg, source.clone(), config_path, explicit);
     let profiles: Vec<String> = daemon.registry().profiles.keys().cloned().collect();
-    tracing::info!(socket = %socket.display(), config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));
+    tracing::info!(socket = %shown, config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));
 
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
-    let d = daemon.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-                _ = hup.recv() => {
-                    if let Err(e) = d.reload() {
-                        tracing::error!(error = %e, "reload failed; keeping the running configuration");
-                    }
-                }
-            }
-        }
-        d.shutdown.cancel();
-    });
+    systemd::handle_signals(
+        daemon.clone(),
+        manager.notifier.clone(),
+        shown.clone(),
+        grace,
+    )?;
+    manager
+        .notifier
+        .ready(&systemd::serving_status(profiles.len(), &shown));
+    manager.start_watchdog(probe_address.as_ref(), daemon.shutdown.clone());
     server::run(daemon, listener, grace).await;
     tracing::info!("stopped");
     Ok(())

@@ -13,12 +13,14 @@ pub fn bin_path(name: &str) -> PathBuf {
     let dir = match std::env::var_os("LLMD_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
-            // target/<profile>/deps/<test-binary> -> target/<profile>
+            // target/<profile>/deps/<test-binary> or target/<profile>/<bin> -> target/<profile>
             let exe = std::env::current_exe().expect("test binary path");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target dir")
-                .to_path_buf()
+            let dir = exe.parent().expect("binary folder");
+            if dir.ends_with("deps") {
+                dir.parent().expect("target dir").to_path_buf()
+            } else {
+                dir.to_path_buf()
+            }
         }
     };
     let p = dir.join(name);
@@ -30,12 +32,42 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// Path of a system tool found on `PATH`; panics with what to install when it is missing.
+pub fn tool_path(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not installed: these tests need systemd's tools \
+                 (`apt-get install systemd`; .ci/run installs them)"
+            )
+        })
+}
+
+/// How the `llmd` process is started.
+#[derive(Debug, Clone, Default)]
+enum Launch {
+    /// `llmd` itself.
+    #[default]
+    Direct,
+    /// `argv… llmd`: a wrapper that ends by exec-ing its last argument.
+    Wrapped(Vec<String>),
+    /// `systemd-socket-activate -l <socket> llmd`, which binds the socket and execs llmd
+    /// (same pid) on the first connection.
+    SocketActivated,
+}
+
 /// Configures a daemon before it starts.
 pub struct DaemonBuilder {
     config: Option<String>,
     env: BTreeMap<String, String>,
     files: Vec<(PathBuf, String, u32)>,
     wait: bool,
+    launch: Launch,
+    socket_folder_mode: Option<u32>,
+    journal_stream: bool,
 }
 
 impl Default for DaemonBuilder {
@@ -45,6 +77,9 @@ impl Default for DaemonBuilder {
             env: BTreeMap::new(),
             files: Vec::new(),
             wait: true,
+            launch: Launch::Direct,
+            socket_folder_mode: None,
+            journal_stream: false,
         }
     }
 }
@@ -75,6 +110,31 @@ impl DaemonBuilder {
         self
     }
 
+    /// Starts llmd through `argv`, a wrapper that gets the llmd path as its last argument
+    /// and must exec it (so the pid stays llmd's). `{home}` is replaced in every argument.
+    pub fn wrapped(mut self, argv: &[&str]) -> Self {
+        self.launch = Launch::Wrapped(argv.iter().map(|a| a.to_string()).collect());
+        self
+    }
+
+    /// Starts llmd socket-activated: `systemd-socket-activate` binds the socket in a folder
+    /// created with `folder_mode` (the socket itself gets the tool's fixed 0644; chmod it to
+    /// play another `SocketMode=`), and execs llmd on the first connection, with the whole
+    /// test environment passed on.
+    pub fn socket_activated(mut self, folder_mode: u32) -> Self {
+        tool_path("systemd-socket-activate");
+        self.launch = Launch::SocketActivated;
+        self.socket_folder_mode = Some(folder_mode);
+        self
+    }
+
+    /// Sets `JOURNAL_STREAM` to the `device:inode` of the daemon's stderr (its log file), as
+    /// systemd does when stderr is the journal.
+    pub fn journal_stream(mut self) -> Self {
+        self.journal_stream = true;
+        self
+    }
+
     /// Starts the daemon in a fresh temporary home.
     pub fn start(self) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -100,12 +160,21 @@ impl DaemonBuilder {
                 .expect("write file");
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).expect("chmod");
         }
+        let socket = run.join("llmd").join("llmd.sock");
+        if let Some(mode) = self.socket_folder_mode {
+            let folder = socket.parent().expect("socket folder");
+            std::fs::create_dir_all(folder).expect("socket folder");
+            std::fs::set_permissions(folder, std::fs::Permissions::from_mode(mode))
+                .expect("chmod socket folder");
+        }
         let mut d = Daemon {
             child: None,
             dir,
             home: home.clone(),
-            socket: run.join("llmd").join("llmd.sock"),
+            socket,
             env: self.env,
+            launch: self.launch,
+            journal_stream: self.journal_stream,
         };
         d.spawn(self.wait);
         d
@@ -121,6 +190,8 @@ pub struct Daemon {
     /// Socket path.
     pub socket: PathBuf,
     env: BTreeMap<String, String>,
+    launch: Launch,
+    journal_stream: bool,
 }
 
 impl Daemon {
@@ -153,7 +224,11 @@ impl Daemon {
     }
 
     fn command(&self, bin: &str) -> Command {
-        let mut c = Command::new(bin_path(bin));
+        self.command_at(&bin_path(bin))
+    }
+
+    fn command_at(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
         c.env_clear();
         c.env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in self.base_env() {
@@ -162,10 +237,52 @@ impl Daemon {
         c
     }
 
+    fn launch_command(&self) -> Command {
+        let llmd = bin_path("llmd");
+        let home = self.home.to_string_lossy().to_string();
+        match &self.launch {
+            Launch::Direct => self.command_at(&llmd),
+            Launch::Wrapped(argv) => {
+                let argv: Vec<String> = argv.iter().map(|a| a.replace("{home}", &home)).collect();
+                let mut c = self.command_at(Path::new(&argv[0]));
+                c.args(&argv[1..]).arg(&llmd);
+                c
+            }
+            Launch::SocketActivated => {
+                // systemd-socket-activate passes on only the variables named with -E.
+                let mut script = String::from("exec \"$0\" -l \"$1\"");
+                if self.journal_stream {
+                    script.push_str(" -E JOURNAL_STREAM");
+                }
+                for (k, _) in self.base_env() {
+                    script.push_str(&format!(" -E {k}"));
+                }
+                script.push_str(" \"$2\"");
+                let mut c = self.command_at(Path::new("/bin/sh"));
+                c.arg("-c")
+                    .arg(script)
+                    .arg(tool_path("systemd-socket-activate"))
+                    .arg(&self.socket)
+                    .arg(&llmd);
+                c
+            }
+        }
+    }
+
+    /// The daemon's pid (also the wrapper's: wrappers exec llmd).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn spawn(&mut self, wait: bool) {
         let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = self
-            .command("llmd")
+        let mut command = self.launch_command();
+        if self.journal_stream {
+            use std::os::unix::fs::MetadataExt;
+            let meta = log.metadata().expect("log metadata");
+            command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

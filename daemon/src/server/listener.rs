@@ -7,7 +7,7 @@ use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{SocketAddr, UnixStream};
 use std::path::Path;
 
 /// Binds `path`. Errors are complete sentences for the user.
@@ -85,9 +85,10 @@ fn peer_pid(s: &UnixStream) -> Option<i32> {
 }
 
 /// The listening socket passed by systemd (`LISTEN_PID`/`LISTEN_FDS`, first fd is 3), if
-/// any. The socket file then belongs to systemd: llmd neither checks its folder nor
-/// removes it on exit.
-pub fn from_systemd() -> Result<Option<Listener>, String> {
+/// any, with its address as `getsockname` reports it. The socket file then belongs to
+/// systemd: llmd neither checks its folder, nor binds, chmods or removes it.
+pub fn from_systemd() -> Result<Option<(Listener, SocketAddr)>, String> {
+    use interprocess::local_socket::traits::tokio::Listener as _;
     use std::os::fd::{FromRawFd, OwnedFd};
     let pid_matches = std::env::var("LISTEN_PID")
         .ok()
@@ -127,7 +128,27 @@ pub fn from_systemd() -> Result<Option<Listener>, String> {
     let fd = unsafe { OwnedFd::from_raw_fd(FIRST_FD) };
     // SAFETY: plain fcntl on an fd we own.
     unsafe { libc::fcntl(FIRST_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let uds = interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(fd)
-        .map_err(|e| format!("cannot use the socket passed by systemd: {e}"))?;
-    Ok(Some(Listener::from(uds)))
+    let std_listener = std::os::unix::net::UnixListener::from(fd);
+    let addr = std_listener
+        .local_addr()
+        .map_err(|e| format!("LISTEN_FDS is set but fd 3 is not a Unix socket: {e}"))?;
+    let uds = interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(OwnedFd::from(
+        std_listener,
+    ))
+    .map_err(|e| format!("cannot use the socket passed by systemd: {e}"))?;
+    let mut listener = Listener::from(uds);
+    // A listener made from an fd never unlinks on drop; this only states that it must not.
+    listener.do_not_reclaim_name_on_drop();
+    Ok(Some((listener, addr)))
+}
+
+/// How a socket address reads in logs and status lines: the path, or `@name` for an
+/// abstract socket.
+pub fn describe(addr: &SocketAddr) -> String {
+    use std::os::linux::net::SocketAddrExt;
+    match (addr.as_pathname(), addr.as_abstract_name()) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+        (None, None) => "(unnamed socket)".into(),
+    }
 }

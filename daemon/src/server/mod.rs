@@ -15,7 +15,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 
-/// Accepts connections until shutdown, then waits up to `grace` for open ones to finish.
+/// Accepts connections until shutdown; then stops accepting (the listener is closed at
+/// once), lets the open connections finish what they are doing for up to `grace`, and cuts
+/// whatever is still running after that.
 pub async fn run(daemon: Arc<Daemon>, listener: Listener, grace: Duration) {
     let mut conns = JoinSet::new();
     loop {
@@ -31,11 +33,24 @@ pub async fn run(daemon: Arc<Daemon>, listener: Listener, grace: Duration) {
             _ = daemon.shutdown.cancelled() => break,
         }
     }
+    // A bound socket file goes with the listener; one passed by systemd stays its own.
     drop(listener);
+    if conns.is_empty() {
+        return;
+    }
+    tracing::info!(
+        connections = conns.len(),
+        grace_secs = grace.as_secs_f64(),
+        "no longer accepting; waiting for requests in flight"
+    );
     let drain = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, drain).await.is_err() {
-        tracing::warn!("grace period over; cancelling requests still in flight");
+        tracing::warn!(
+            connections = conns.len(),
+            "grace period over; cancelling requests still in flight"
+        );
         conns.abort_all();
+        while conns.join_next().await.is_some() {}
     }
 }
 
