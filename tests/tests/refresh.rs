@@ -152,7 +152,15 @@ async fn proactive_refresh_happens_before_expiry_without_callers_waiting() {
         fake.refresh_calls() == 1
     })
     .await;
-    let s = c.status().await.unwrap();
+    // The upstream call was seen; the daemon may still be writing the result.
+    let mut s = c.status().await.unwrap();
+    for _ in 0..100 {
+        if s.profiles[0].refresh_count == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = c.status().await.unwrap();
+    }
     let p = &s.profiles[0];
     assert_eq!(p.refresh_count, 1);
     assert!(
