@@ -88,7 +88,11 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
         .notifier
         .ready(&systemd::serving_status(profiles.len(), &shown));
     manager.start_watchdog(probe_address.as_ref(), daemon.shutdown.clone());
-    server::run(daemon, listener, grace).await;
+    server::run(daemon.clone(), listener, grace).await;
+    // A refresh in flight gets to write its tokens, within the same stop budget.
+    let refresh_limit =
+        Duration::from_secs(daemon.registry().config.daemon.refresh_timeout_secs + 1);
+    daemon.stop_logins(refresh_limit.min(grace)).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -234,6 +234,14 @@ impl LoginHandle {
         let _ = self.commands.send(Command::Retire);
     }
 
+    /// Stops the task and waits until it has ended: a refresh in flight finishes (and its
+    /// tokens are written) first.
+    pub async fn stop(&self) {
+        let mut rx = self.snapshot.clone();
+        self.retire();
+        while rx.changed().await.is_ok() {}
+    }
+
     /// Tells the task its file changed.
     pub fn source_changed(&self) {
         let _ = self.commands.send(Command::SourceChanged);

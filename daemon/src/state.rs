@@ -126,6 +126,23 @@ impl Daemon {
         Ok(names)
     }
 
+    /// Stops every login task, waiting at most `limit` for refreshes in flight: an exit in
+    /// the middle of a refresh could lose the only copy of a rotated refresh token.
+    pub async fn stop_logins(&self, limit: Duration) {
+        let reg = self.registry();
+        let stops = reg
+            .profiles
+            .values()
+            .filter_map(|p| p.login())
+            .map(|h| h.stop());
+        if tokio::time::timeout(limit, futures_util::future::join_all(stops))
+            .await
+            .is_err()
+        {
+            tracing::warn!("a refresh was still running at exit");
+        }
+    }
+
     /// Rebuilds one profile from the current config (after its stored credential changed).
     pub fn rebuild_profile(&self, name: &str) {
         let _one_at_a_time = lock(&self.install_lock);

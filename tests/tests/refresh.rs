@@ -949,3 +949,31 @@ async fn one_login_file_has_one_refresher_across_profiles_and_reloads() {
     assert_eq!(fake.refresh_calls(), 2);
     assert_eq!(fake.invalid_grants(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_refresh_waits_for_its_tokens_to_be_written() {
+    let fake = FakeOAuth::start(3600).await;
+    fake.state().delay = Duration::from_millis(1500);
+    let mut d = Daemon::builder()
+        .config(&oauth_config(&fake, 60))
+        .file(
+            "state/llmd/oauth/work.json",
+            &bundle(&access_of(0), &refresh_of(0), now() - 5),
+            0o600,
+        )
+        .start();
+    // The expired token is refreshed at once; stop while the endpoint is still answering.
+    wait_for("the refresh to start", Duration::from_secs(10), || {
+        !fake.state().requests.is_empty()
+    })
+    .await;
+    assert!(d.stop().unwrap().success());
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(d.home.join("state/llmd/oauth/work.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        v["refresh_token"],
+        refresh_of(1),
+        "the rotated refresh token reached the disk before exit"
+    );
+}

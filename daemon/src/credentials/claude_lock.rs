@@ -63,7 +63,7 @@ impl ClaudeLocks {
             for path in &self.paths {
                 match take(path) {
                     Taken::Yes => held.paths.push(path.clone()),
-                    Taken::NoParent => {}
+                    Taken::Unavailable => {}
                     Taken::Busy => {
                         // Like Claude Code: release what we hold, wait, start over.
                         drop(held);
@@ -99,7 +99,9 @@ impl ClaudeLocks {
 enum Taken {
     Yes,
     Busy,
-    NoParent,
+    /// The lock cannot exist there (missing or read-only folder), so nobody else can hold
+    /// it either.
+    Unavailable,
     Failed(String),
 }
 
@@ -117,7 +119,14 @@ fn take(path: &Path) -> Taken {
                 }
             }
             // The parent folder is missing: nobody else can hold this lock either.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Taken::NoParent,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Taken::Unavailable,
+            // Under systemd's ProtectSystem=strict the home folder is read-only, so the legacy
+            // `~/.claude.lock` cannot be made by anyone in this sandbox; Claude Code takes
+            // `.oauth_refresh.lock` first, which still keeps the two refreshes apart.
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                tracing::debug!(lock = %path.display(), "lock folder is on a read-only file system; skipping it");
+                return Taken::Unavailable;
+            }
             Err(e) => return Taken::Failed(format!("cannot create lock {}: {e}", path.display())),
         }
     }
