@@ -264,3 +264,49 @@ async fn llmctl_chat_streams_text_and_tool_calls() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no tool `get_weather`"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llmctl_chat_streams_a_reply_and_a_tool_call_from_every_provider() {
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[profiles.ant]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"c\"\n\n\
+         [profiles.oai]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"g\"\n\n\
+         [profiles.gem]\nprovider = \"gemini\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"gm\"\n\n\
+         [profiles.mm]\nprovider = \"minimax\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"mx\"\n",
+        fake.anthropic_base(),
+        fake.openai_base(),
+        fake.gemini_base(),
+        fake.minimax_base()
+    );
+    let d = Daemon::builder().config(&cfg).env("K", "k-test").start();
+    let tool = d.home.join("weather.json");
+    std::fs::write(
+        &tool,
+        json!({"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}).to_string(),
+    )
+    .unwrap();
+    for (profile, name) in [
+        ("ant", "anthropic"),
+        ("oai", "openai"),
+        ("gem", "gemini"),
+        ("mm", "minimax"),
+    ] {
+        let out = d.llmctl(&["chat", profile, "hello"]);
+        assert!(out.status.success(), "{profile}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("Hello from {name}\n"),
+            "{profile}"
+        );
+        let out = d.llmctl(&["chat", profile, "--tool", tool.to_str().unwrap(), USE_TOOL]);
+        let text = String::from_utf8_lossy(&out.stdout).replace(": ", ":");
+        assert!(
+            text.contains("[tool_use get_weather {\"city\":\"Paris\"}]"),
+            "{profile}: {text}"
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{profile}: valid arguments, no complaint: {out:?}"
+        );
+    }
+}

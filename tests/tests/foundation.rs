@@ -318,12 +318,14 @@ async fn connection_limit_answers_busy() {
     assert_eq!(e["error"]["data"]["kind"], "busy");
     assert!(c.recv().await.is_none());
     drop(a);
-    // The freed slot is usable again.
+    // The freed slot is usable again (the daemon notices the closed connection shortly).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let mut n = Raw::connect(&d.socket).await;
-        let r = n.call(9, "status", json!({})).await;
-        if r["result"].is_object() {
+        let ok = match llmd_client::Client::connect_to(&d.socket).await {
+            Ok(c) => c.status().await.is_ok(),
+            Err(_) => false,
+        };
+        if ok {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "slot never freed");
