@@ -44,6 +44,15 @@ impl Raw {
         Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}")))
     }
 
+    /// Like [`Raw::call`], but `None` when the daemon closed the connection first (e.g. it
+    /// answered `busy` on connect).
+    pub async fn try_call(&mut self, id: i64, method: &str, params: Value) -> Option<Value> {
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.w.write_all(format!("{req}\n").as_bytes()).await.ok()?;
+        self.recv().await.filter(|v| v.get("result").is_some())
+    }
+
     /// Sends a request and returns the next line.
     pub async fn call(&mut self, id: i64, method: &str, params: Value) -> Value {
         let req =

@@ -57,6 +57,22 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// What `profile` serves once it equals `want` (polling for up to about 3 s), else the last
+/// token seen, for changes the daemon picks up asynchronously.
+async fn served_eventually(c: &llmd_client::Client, profile: &str, want: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..150 {
+        if let Ok(t) = c.token(profile, None).await {
+            last = t.token;
+            if last == want {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
 /// No token, refresh token or key may appear in the daemon's logs.
 fn assert_no_secrets(d: &Daemon) {
     let logs = d.logs();
@@ -208,16 +224,11 @@ async fn transient_failures_keep_the_old_token_and_retry() {
             fake.generation() == 1
         })
         .await;
-        wait_for("new token served", Duration::from_secs(5), || true).await;
-        let mut served = String::new();
-        for _ in 0..50 {
-            served = c.token("work", None).await.unwrap().token;
-            if served == access_of(1) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(served, access_of(1), "{mode:?}");
+        assert_eq!(
+            served_eventually(&c, "work", &access_of(1)).await,
+            access_of(1),
+            "{mode:?}"
+        );
         assert_eq!(fake.invalid_grants(), 0);
         assert_no_secrets(&d);
     }
@@ -307,15 +318,7 @@ async fn invalid_grant_means_needs_login_and_no_more_upstream_calls() {
         &d.home.join("state/llmd/oauth/work.json"),
         &bundle(&access, &refresh, now() + 3600),
     );
-    let mut served = String::new();
-    for _ in 0..100 {
-        if let Ok(t) = c.token("work", None).await {
-            served = t.token;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    assert_eq!(served, access);
+    assert_eq!(served_eventually(&c, "work", &access).await, access);
     assert_eq!(fake.refresh_calls(), calls);
 }
 
@@ -663,15 +666,10 @@ async fn login_with_pkce_stores_the_bundle() {
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(sha2::Sha256::digest(verifier.as_bytes()));
     assert_eq!(challenge, url["code_challenge"]);
-    let mut token = None;
-    for _ in 0..100 {
-        if let Ok(t) = c.token("work", None).await {
-            token = Some(t.token);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(token.as_deref(), Some(access_of(1).as_str()));
+    assert_eq!(
+        served_eventually(&c, "work", &access_of(1)).await,
+        access_of(1)
+    );
     let bundle = d.home.join("state/llmd/oauth/work.json");
     assert_eq!(
         std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777,
@@ -889,15 +887,7 @@ async fn half_written_file_is_retried_not_adopted_broken() {
         .unwrap()
         .write_all(tail.as_bytes())
         .unwrap();
-    let mut served = String::new();
-    for _ in 0..100 {
-        served = c.token("claude", None).await.unwrap().token;
-        if served == access {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(served, access);
+    assert_eq!(served_eventually(&c, "claude", &access).await, access);
     assert_eq!(fake.refresh_calls(), 0);
     let s = c.status().await.unwrap();
     assert_eq!(s.profiles[0].state, ProfileState::Ok);
