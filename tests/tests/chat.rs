@@ -331,3 +331,41 @@ async fn llmctl_chat_streams_a_reply_and_a_tool_call_from_every_provider() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_aborts_the_upstream_request() {
+    let fake = FakeProviders::start().await;
+    fake.set_event_delay(Duration::from_millis(300));
+    let cfg = format!(
+        "[profiles.ant]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"c\"\n",
+        fake.anthropic_base()
+    );
+    let d = Daemon::builder().config(&cfg).env("K", "k").start();
+    let mut raw = llmd_tests::raw::Raw::connect(&d.socket).await;
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": "chat", "params": {"profile": "ant", "stream": true,
+        "request": {"messages": [{"role": "user", "content": "hello"}]}}});
+    raw.send(format!("{req}\n").as_bytes()).await;
+    let first = raw.recv().await.unwrap();
+    assert_eq!(first["method"], "chat.delta", "{first}");
+    // The agent dies mid-stream: the daemon must stop talking to the provider too.
+    drop(raw);
+    assert!(
+        fake.wait_for_aborted(1, Duration::from_secs(10)).await,
+        "upstream request aborted"
+    );
+    assert_eq!(fake.completed(), 0);
+    // Without a stream nothing is written until the answer: the hangup itself is noticed.
+    fake.reset();
+    fake.set_latency(Duration::from_secs(3));
+    let mut raw = llmd_tests::raw::Raw::connect(&d.socket).await;
+    let req = json!({"jsonrpc": "2.0", "id": 2, "method": "chat", "params": {"profile": "ant",
+        "request": {"messages": [{"role": "user", "content": "hello"}]}}});
+    raw.send(format!("{req}\n").as_bytes()).await;
+    assert!(fake.wait_for_requests(1, Duration::from_secs(10)).await);
+    drop(raw);
+    assert!(
+        fake.wait_for_aborted(1, Duration::from_secs(10)).await,
+        "upstream request aborted after the hangup"
+    );
+    assert_eq!(fake.completed(), 0);
+}

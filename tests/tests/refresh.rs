@@ -425,6 +425,14 @@ async fn claude_cli_write_back_keeps_unknown_fields_and_mode() {
         fake.state().requests[0].0["scope"],
         "user:inference user:profile"
     );
+    // Our own write-back came back through the watcher without being taken for news.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !d.logs()
+            .contains("adopted tokens written by another program"),
+        "{}",
+        d.logs()
+    );
     // The locks were released.
     assert!(!d.home.join("cc/.oauth_refresh.lock").exists());
     assert!(!d.home.join("cc.lock").exists());
