@@ -48,6 +48,10 @@ async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Resu
     let mut watches = stream.watches();
     let mut by_wd: HashMap<WatchDescriptor, PathBuf> = HashMap::new();
     let mut entries: Vec<Entry> = Vec::new();
+    // Folders that did not exist yet (Claude Code not installed, no login so far): tried
+    // again now and then, so a login made later is still picked up without a reload.
+    let mut missing: Vec<PathBuf> = Vec::new();
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(10));
     let mask = WatchMask::CLOSE_WRITE
         | WatchMask::MOVED_TO
         | WatchMask::CREATE
@@ -62,6 +66,7 @@ async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Resu
                 }
                 by_wd.clear();
                 entries.clear();
+                missing.clear();
                 for (path, tell) in targets {
                     // Watch the link's folder and, for a symlink, the target's folder too.
                     let mut files = vec![path.clone()];
@@ -75,6 +80,11 @@ async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Resu
                         if !by_wd.values().any(|d| d == dir) {
                             match watches.add(dir, mask) {
                                 Ok(wd) => { by_wd.insert(wd, dir.to_path_buf()); }
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                    if !missing.iter().any(|m| m == dir) {
+                                        missing.push(dir.to_path_buf());
+                                    }
+                                }
                                 Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
                             }
                         }
@@ -82,9 +92,29 @@ async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Resu
                     }
                 }
             }
+            _ = retry.tick(), if !missing.is_empty() => {
+                missing.retain(|dir| match watches.add(dir, mask) {
+                    Ok(wd) => {
+                        by_wd.insert(wd, dir.clone());
+                        for e in entries.iter().filter(|e| &e.dir == dir) {
+                            let _ = e.tell.send(Command::SourceChanged);
+                        }
+                        false
+                    }
+                    Err(_) => true,
+                });
+            }
             event = stream.next() => {
                 let Some(event) = event else { return Ok(()) };
-                let event = event?;
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // One bad read must not end watching for good.
+                        tracing::warn!(error = %e, "reading file events failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
                 if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
                     for e in &entries {
                         let _ = e.tell.send(Command::SourceChanged);

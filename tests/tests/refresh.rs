@@ -975,3 +975,28 @@ async fn sigterm_during_a_refresh_waits_for_its_tokens_to_be_written() {
         "the rotated refresh token reached the disk before exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_folder_created_later_is_watched() {
+    let fake = FakeOAuth::start(3600).await;
+    let d = Daemon::builder().config(&claude_config(&fake, 60)).start();
+    let mut events = d
+        .client()
+        .await
+        .subscribe(&["token.rotated"])
+        .await
+        .unwrap();
+    // Claude Code is installed and logged in after llmd started: no folder existed.
+    let dir = d.home.join(".claude");
+    std::fs::create_dir(&dir).unwrap();
+    replace_file(
+        &dir.join(".credentials.json"),
+        &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(20), events.recv())
+        .await
+        .expect("the new login is noticed without anyone asking for a token")
+        .unwrap();
+    assert_eq!(ev.profile, "claude");
+    assert_eq!(fake.refresh_calls(), 0);
+}
