@@ -90,6 +90,11 @@ pub(crate) async fn parse_token_response(
         );
         return Err(if dead && status.is_client_error() {
             RefreshError::Dead(what)
+        } else if status.is_client_error() && status.as_u16() != 429 {
+            // Retried, but a 4xx rarely fixes itself: say where to look.
+            RefreshError::Transient(format!(
+                "{what}; check the profile's token_endpoint, client_id and scopes"
+            ))
         } else {
             RefreshError::Transient(what)
         });
