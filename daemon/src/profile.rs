@@ -11,9 +11,10 @@ use crate::refresh::{Force, LoginHandle, LoginSpec};
 use crate::secret::Secret;
 use llmd_proto::methods::{Event, Limits, ProfileState, ProfileStatus, TokenResult};
 use llmd_proto::{ErrorKind, RpcError};
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -43,6 +44,12 @@ pub struct Profile {
     pub credential: Credential,
     /// Shared rate limits of its chat traffic.
     pub limiter: Arc<RateLimiter>,
+    /// The serialized `token` answer of the last token served.
+    answer: Mutex<Option<(Secret, Arc<str>)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Shared services a profile needs when it is built.
@@ -112,6 +119,7 @@ impl Profile {
             config: cfg.clone(),
             credential,
             limiter: Arc::new(RateLimiter::new(cfg.rate_limit.as_ref())),
+            answer: Mutex::new(None),
         }
     }
 
@@ -123,9 +131,53 @@ impl Profile {
             .then(|| LoginKey::of(&self.name, &self.config, env))
     }
 
+    /// The `token`/`refresh` answer, serialized. The JSON of the current token is built once
+    /// per token and reused, so the hot path costs one copy instead of a header map and a
+    /// serialization per call.
+    pub async fn token_answer(
+        &self,
+        min_valid: u64,
+        force: Force,
+    ) -> Result<Box<RawValue>, RpcError> {
+        let (token, expires_at) = self.secret(min_valid, force).await?;
+        {
+            let cached = lock(&self.answer);
+            if let Some((t, json)) = cached.as_ref() {
+                if *t == token {
+                    return RawValue::from_string(json.to_string())
+                        .map_err(|e| RpcError::internal(e.to_string()));
+                }
+            }
+        }
+        let answer = self.answer_for(&token, expires_at);
+        let raw = serde_json::value::to_raw_value(&answer)
+            .map_err(|e| RpcError::internal(e.to_string()))?;
+        *lock(&self.answer) = Some((token, Arc::from(raw.get())));
+        Ok(raw)
+    }
+
     /// A token valid for `min_valid` seconds, with the headers the provider needs.
     pub async fn token(&self, min_valid: u64, force: Force) -> Result<TokenResult, RpcError> {
-        let (token, expires_at) = match &self.credential {
+        let (token, expires_at) = self.secret(min_valid, force).await?;
+        Ok(self.answer_for(&token, expires_at))
+    }
+
+    fn answer_for(&self, token: &Secret, expires_at: Option<i64>) -> TokenResult {
+        TokenResult {
+            profile: self.name.clone(),
+            kind: self.config.auth.as_str().to_owned(),
+            headers: self.headers(token.expose()),
+            token: token.expose().to_owned(),
+            expires_at,
+        }
+    }
+
+    async fn secret(
+        &self,
+        min_valid: u64,
+        force: Force,
+    ) -> Result<(Secret, Option<i64>), RpcError> {
+        Ok(match &self.credential {
             Credential::Static(Ok(k)) => (k.clone(), None),
             Credential::Static(Err(why)) => {
                 return Err(RpcError::new(
@@ -135,13 +187,6 @@ impl Profile {
                 .with("profile", self.name.as_str()))
             }
             Credential::Login(h) => h.token(min_valid, force).await?,
-        };
-        Ok(TokenResult {
-            profile: self.name.clone(),
-            kind: self.config.auth.as_str().to_owned(),
-            headers: self.headers(token.expose()),
-            token: token.expose().to_owned(),
-            expires_at,
         })
     }
 

@@ -1,6 +1,6 @@
 //! `token` and `refresh`: a valid token with the provider's auth headers.
 
-use super::{ok, parse, Ctx, Reply};
+use super::{parse, Ctx, Reply};
 use crate::refresh::Force;
 use llmd_proto::methods::{ProfileParams, TokenParams};
 use serde_json::value::RawValue;
@@ -9,14 +9,14 @@ use serde_json::value::RawValue;
 pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: TokenParams = parse(params)?;
     let profile = ctx.daemon.profile(&p.profile)?;
-    ok(&profile
-        .token(p.min_valid_secs.unwrap_or(0), Force::No)
-        .await?)
+    profile
+        .token_answer(p.min_valid_secs.unwrap_or(0), Force::No)
+        .await
 }
 
 /// Forces a refresh (joining one already running) and returns the new token.
 pub async fn refresh(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: ProfileParams = parse(params)?;
     let profile = ctx.daemon.profile(&p.profile)?;
-    ok(&profile.token(0, Force::Always).await?)
+    profile.token_answer(0, Force::Always).await
 }
