@@ -19,6 +19,7 @@ pub mod refresh;
 pub mod secret;
 pub mod server;
 pub mod state;
+pub mod sync;
 pub mod systemd;
 pub mod tools;
 pub mod watch;

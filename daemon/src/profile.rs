@@ -9,6 +9,7 @@ use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, Upstream};
 use crate::ratelimit::RateLimiter;
 use crate::refresh::{Force, LoginHandle, LoginSpec};
 use crate::secret::Secret;
+use crate::sync::lock;
 use llmd_proto::methods::{Event, Limits, ProfileState, ProfileStatus, TokenResult};
 use llmd_proto::{ErrorKind, RpcError};
 use serde_json::value::RawValue;
@@ -46,10 +47,6 @@ pub struct Profile {
     pub limiter: Arc<RateLimiter>,
     /// The serialized `token` answer of the last token served.
     answer: Mutex<Option<(Secret, Arc<str>)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Shared services a profile needs when it is built.

@@ -4,6 +4,7 @@
 use crate::config::{self, Config, ConfigSource};
 use crate::oauth::anthropic::PendingLogin;
 use crate::profile::{Env, Profile};
+use crate::sync::lock;
 use crate::tools::ToolRegistry;
 use crate::watch::Watcher;
 use llmd_proto::methods::Event;
@@ -233,8 +234,4 @@ impl Daemon {
         }
         names
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -3,6 +3,7 @@
 
 use crate::handlers::{self, Ctx};
 use crate::state::Daemon;
+use crate::sync::lock;
 use futures_util::FutureExt;
 use interprocess::local_socket::tokio::Stream;
 use llmd_proto::{encode_line, ErrorKind, Id, LineDecoder, Request, Response, RpcError};
@@ -73,10 +74,6 @@ impl Conn {
             h.abort();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves one connection until the client leaves, misbehaves or the daemon stops.
