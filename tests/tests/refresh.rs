@@ -42,6 +42,14 @@ fn oauth_config(fake: &FakeOAuth, margin: u64) -> String {
     )
 }
 
+/// A daemon with one `oauth` profile `work` whose bundle holds `bundle_json`.
+fn work_daemon(fake: &FakeOAuth, margin: u64, bundle_json: &str) -> Daemon {
+    Daemon::builder()
+        .config(&oauth_config(fake, margin))
+        .file("state/llmd/oauth/work.json", bundle_json, 0o600)
+        .start()
+}
+
 fn claude_config(fake: &FakeOAuth, margin: u64) -> String {
     format!(
         "[daemon]\nrefresh_margin_secs = {margin}\nrefresh_timeout_secs = 2\n\n[profiles.claude]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\ntoken_endpoint = \"{}\"\n",
@@ -102,14 +110,7 @@ fn replace_file(path: &Path, contents: &str) {
 async fn five_hundred_callers_at_expiry_cause_one_refresh() {
     let fake = FakeOAuth::start(3600).await;
     fake.state().delay = Duration::from_millis(300);
-    let d = Daemon::builder()
-        .config(&oauth_config(&fake, 60))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(0), now() - 5),
-            0o600,
-        )
-        .start();
+    let d = work_daemon(&fake, 60, &bundle(&access_of(0), &refresh_of(0), now() - 5));
     let clients = [
         d.client().await,
         d.client().await,
@@ -152,14 +153,7 @@ async fn five_hundred_callers_at_expiry_cause_one_refresh() {
 async fn proactive_refresh_happens_before_expiry_without_callers_waiting() {
     let fake = FakeOAuth::start(3600).await;
     let old_expiry = now() + 6;
-    let d = Daemon::builder()
-        .config(&oauth_config(&fake, 3))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(0), old_expiry),
-            0o600,
-        )
-        .start();
+    let d = work_daemon(&fake, 3, &bundle(&access_of(0), &refresh_of(0), old_expiry));
     let c = d.client().await;
     // Still valid: answered from the current token, no upstream call.
     assert_eq!(c.token("work", None).await.unwrap().token, access_of(0));
@@ -238,14 +232,7 @@ async fn transient_failures_keep_the_old_token_and_retry() {
 async fn refresh_failed_only_when_no_valid_token_is_left() {
     let fake = FakeOAuth::start(3600).await;
     fake.set_mode(Mode::ServerError);
-    let d = Daemon::builder()
-        .config(&oauth_config(&fake, 60))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(0), now() - 1),
-            0o600,
-        )
-        .start();
+    let d = work_daemon(&fake, 60, &bundle(&access_of(0), &refresh_of(0), now() - 1));
     let c = d.client().await;
     let e = c.token("work", None).await.unwrap_err();
     let e = e.rpc().expect("rpc error");
@@ -263,14 +250,11 @@ async fn refresh_failed_only_when_no_valid_token_is_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_grant_means_needs_login_and_no_more_upstream_calls() {
     let fake = FakeOAuth::start(3600).await;
-    let d = Daemon::builder()
-        .config(&oauth_config(&fake, 60))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(77), now() + 3600),
-            0o600,
-        )
-        .start();
+    let d = work_daemon(
+        &fake,
+        60,
+        &bundle(&access_of(0), &refresh_of(77), now() + 3600),
+    );
     let c = d.client().await;
     let mut events = d
         .client()
@@ -327,14 +311,11 @@ async fn invalid_grant_after_someone_else_refreshed_adopts_their_tokens() {
     // The file changes between our read and the upstream answer: re-read first.
     let fake = FakeOAuth::start(3600).await;
     fake.state().delay = Duration::from_millis(400);
-    let d = Daemon::builder()
-        .config(&oauth_config(&fake, 60))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(0), now() + 3600),
-            0o600,
-        )
-        .start();
+    let d = work_daemon(
+        &fake,
+        60,
+        &bundle(&access_of(0), &refresh_of(0), now() + 3600),
+    );
     let c = d.client().await;
     let path = d.home.join("state/llmd/oauth/work.json");
     let forced = tokio::spawn({
@@ -523,14 +504,11 @@ async fn symlinked_credentials_file_stays_a_symlink() {
 async fn forced_refreshes_join_the_one_in_flight() {
     let fake = FakeOAuth::start(3600).await;
     fake.state().delay = Duration::from_millis(500);
-    let d = Daemon::builder()
-        .config(&oauth_config(&fake, 60))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(0), now() + 3600),
-            0o600,
-        )
-        .start();
+    let d = work_daemon(
+        &fake,
+        60,
+        &bundle(&access_of(0), &refresh_of(0), now() + 3600),
+    );
     let c = d.client().await;
     let calls = (0..20).map(|_| {
         let c = c.clone();
@@ -952,14 +930,7 @@ async fn one_login_file_has_one_refresher_across_profiles_and_reloads() {
 async fn sigterm_during_a_refresh_waits_for_its_tokens_to_be_written() {
     let fake = FakeOAuth::start(3600).await;
     fake.state().delay = Duration::from_millis(1500);
-    let mut d = Daemon::builder()
-        .config(&oauth_config(&fake, 60))
-        .file(
-            "state/llmd/oauth/work.json",
-            &bundle(&access_of(0), &refresh_of(0), now() - 5),
-            0o600,
-        )
-        .start();
+    let mut d = work_daemon(&fake, 60, &bundle(&access_of(0), &refresh_of(0), now() - 5));
     // The expired token is refreshed at once; stop while the endpoint is still answering.
     wait_for("the refresh to start", Duration::from_secs(10), || {
         !fake.state().requests.is_empty()
