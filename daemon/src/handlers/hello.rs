@@ -13,7 +13,7 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         agents.insert(ctx.conn.id, name.clone());
     }
     if let Ok(mut a) = ctx.conn.agent.lock() {
-        *a = Some(name);
+        *a = Some(name.into());
     }
     ok(&HelloResult {
         server: "llmd".into(),

@@ -22,7 +22,7 @@ pub struct Conn {
     /// Connection id (for the agent list of `status`).
     pub id: u64,
     /// Agent name from `hello`.
-    pub agent: Mutex<Option<String>>,
+    pub agent: Mutex<Option<Arc<str>>>,
     out: mpsc::Sender<Vec<u8>>,
     /// Cancelled when the connection is dropped for good (write error, slow reader).
     pub gone: CancellationToken,
@@ -217,10 +217,11 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
         daemon: daemon.clone(),
         conn: conn.clone(),
     };
-    // Spans cost an agent-name copy per request: only build them when debug logs are on.
-    let span = if tracing::enabled!(tracing::Level::DEBUG) {
-        let agent = lock(&conn.agent).clone().unwrap_or_default();
-        tracing::debug_span!("request", method = %req.method, agent = %agent)
+    // Every log line of the request carries its method and agent (journald fields). The
+    // agent name is shared, not copied; with info logs off the span is not built at all.
+    let span = if tracing::enabled!(tracing::Level::INFO) {
+        let agent = lock(&conn.agent).clone();
+        tracing::info_span!("request", method = %req.method, agent = agent.as_deref().unwrap_or("-"))
     } else {
         tracing::Span::none()
     };

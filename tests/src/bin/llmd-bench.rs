@@ -2,6 +2,7 @@
 //! hammers `token` from many concurrent clients over the real socket.
 //!
 //! `cargo build --release --workspace --bins && target/release/llmd-bench [clients] [secs]`
+//! (the daemon logs at `LLMD_LOG`, default `info` as in production).
 
 use llmd_tests::Daemon;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ async fn main() {
     let d = Daemon::builder()
         .config("[profiles.k]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"BENCH_KEY\"\n")
         .env("BENCH_KEY", "sk-ant-api03-bench")
-        .env("LLMD_LOG", "warn")
+        .env("LLMD_LOG", &std::env::var("LLMD_LOG").unwrap_or_else(|_| "info".into()))
         .start();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
