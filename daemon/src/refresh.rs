@@ -139,6 +139,16 @@ pub struct LoginHandle {
 impl LoginHandle {
     /// Starts the task for a login, after reading its file once.
     pub fn spawn(spec: LoginSpec) -> Self {
+        let path = spec.source.path();
+        if crate::fsutil::is_exposed(&path) {
+            // Bundles are refused when read; Claude Code's file is still used (the CLI owns
+            // it), but the user should know.
+            tracing::warn!(
+                profile = %spec.profile,
+                file = %path.display(),
+                "login file is readable by group/others; run `chmod 600` on it"
+            );
+        }
         let initial = spec.source.read();
         let (tx, rx) = watch::channel(Snapshot {
             token: None,

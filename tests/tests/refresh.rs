@@ -971,3 +971,26 @@ async fn a_login_folder_created_later_is_watched() {
     assert_eq!(ev.profile, "claude");
     assert_eq!(fake.refresh_calls(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_claude_code_file_is_used_with_a_warning() {
+    let fake = FakeOAuth::start(3600).await;
+    let d = Daemon::builder()
+        .config(&claude_config(&fake, 60))
+        .file(
+            ".claude/.credentials.json",
+            &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
+            0o644,
+        )
+        .start();
+    assert_eq!(
+        d.client().await.token("claude", None).await.unwrap().token,
+        access_of(0)
+    );
+    assert!(
+        d.logs().contains("readable by group/others"),
+        "{}",
+        d.logs()
+    );
+    assert_no_secrets(&d);
+}
