@@ -369,3 +369,57 @@ async fn a_closed_connection_aborts_the_upstream_request() {
     );
     assert_eq!(fake.completed(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_hold_with_estimates_corrected_by_usage() {
+    let fake = FakeProviders::start().await;
+    fake.set_latency(Duration::from_millis(300));
+    // Each request is estimated at about its 1000-token output budget; the fake's answers
+    // report 19 tokens, which frees the budget again as each one settles.
+    let cfg = format!(
+        "[profiles.tpm]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"K\"\nbase_url = \"{}\"\ndefault_model = \"gpt\"\n[profiles.tpm.rate_limit]\ntokens_per_minute = 2500\n",
+        fake.openai_base()
+    );
+    let d = Daemon::builder().config(&cfg).env("K", "k").start();
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let fake = fake.clone();
+        let max_seen = max_seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let open = fake.request_count() - fake.completed() - fake.aborted();
+                max_seen.fetch_max(open, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let c = d.client().await;
+        let req: ChatRequest = serde_json::from_value(
+            json!({"max_tokens": 1000, "messages": [{"role": "user", "content": format!("agent {i}")}]}),
+        )
+        .unwrap();
+        agents.push(tokio::spawn(async move { c.chat("tpm", req).await }));
+    }
+    for a in agents {
+        a.await
+            .unwrap()
+            .expect("every agent finishes once usage corrects the estimates");
+    }
+    watcher.abort();
+    assert_eq!(fake.request_count(), 6);
+    // Two 1000-token estimates fit in 2500 tokens per minute, three do not: six 300 ms
+    // requests take at least three rounds. (Unlimited, they would all run at once.)
+    assert!(
+        t0.elapsed() >= Duration::from_millis(850),
+        "{:?}",
+        t0.elapsed()
+    );
+    let most = max_seen.load(Ordering::Relaxed);
+    assert!(
+        (2..=3).contains(&most),
+        "at most two at a time (one may overlap its predecessor's last bytes): {most}"
+    );
+}
