@@ -21,6 +21,20 @@ fn ask(text: &str) -> ChatRequest {
     serde_json::from_value(json!({"messages": [{"role": "user", "content": text}]})).unwrap()
 }
 
+/// Watches the provider side: the most requests it ever had open at once.
+fn watch_open_requests(fake: &FakeProviders) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let (fake, seen) = (fake.clone(), max_seen.clone());
+    let watcher = tokio::spawn(async move {
+        loop {
+            let open = fake.request_count() - fake.completed() - fake.aborted();
+            seen.fetch_max(open, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    (max_seen, watcher)
+}
+
 fn text_of(blocks: &[Block]) -> String {
     blocks
         .iter()
@@ -162,19 +176,7 @@ async fn fifty_agents_share_the_profile_limits() {
          [profiles.rpm.rate_limit]\nrequests_per_minute = 40\n"
     );
     let d = Daemon::builder().config(&cfg).env("K", "k").start();
-    // Watch the provider side: how many requests are open at once.
-    let max_seen = Arc::new(AtomicUsize::new(0));
-    let watcher = {
-        let fake = fake.clone();
-        let max_seen = max_seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let open = fake.request_count() - fake.completed() - fake.aborted();
-                max_seen.fetch_max(open, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    let (max_seen, watcher) = watch_open_requests(&fake);
     // 50 agents, 4 at a time: all finish, never more than 4 upstream at once.
     let mut agents = Vec::new();
     for i in 0..50 {
@@ -381,18 +383,7 @@ async fn tokens_per_minute_hold_with_estimates_corrected_by_usage() {
         fake.openai_base()
     );
     let d = Daemon::builder().config(&cfg).env("K", "k").start();
-    let max_seen = Arc::new(AtomicUsize::new(0));
-    let watcher = {
-        let fake = fake.clone();
-        let max_seen = max_seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let open = fake.request_count() - fake.completed() - fake.aborted();
-                max_seen.fetch_max(open, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    let (max_seen, watcher) = watch_open_requests(&fake);
     let t0 = Instant::now();
     let mut agents = Vec::new();
     for i in 0..6 {

@@ -50,6 +50,14 @@ fn work_daemon(fake: &FakeOAuth, margin: u64, bundle_json: &str) -> Daemon {
         .start()
 }
 
+/// A daemon with one `claude-cli` profile `claude` whose credentials file holds `creds`.
+fn claude_daemon(fake: &FakeOAuth, creds: &str) -> Daemon {
+    Daemon::builder()
+        .config(&claude_config(fake, 60))
+        .file(".claude/.credentials.json", creds, 0o600)
+        .start()
+}
+
 fn claude_config(fake: &FakeOAuth, margin: u64) -> String {
     format!(
         "[daemon]\nrefresh_margin_secs = {margin}\nrefresh_timeout_secs = 2\n\n[profiles.claude]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\ntoken_endpoint = \"{}\"\n",
@@ -336,14 +344,10 @@ async fn invalid_grant_after_someone_else_refreshed_adopts_their_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_written_by_another_process_are_adopted_without_upstream_call() {
     let fake = FakeOAuth::start(3600).await;
-    let d = Daemon::builder()
-        .config(&claude_config(&fake, 60))
-        .file(
-            ".claude/.credentials.json",
-            &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
-            0o600,
-        )
-        .start();
+    let d = claude_daemon(
+        &fake,
+        &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
+    );
     let c = d.client().await;
     let mut rotated = d
         .client()
@@ -848,14 +852,10 @@ async fn llmctl_login_reads_the_code_from_stdin_and_events_follow_rotations() {
 async fn half_written_file_is_retried_not_adopted_broken() {
     use std::io::Write;
     let fake = FakeOAuth::start(3600).await;
-    let d = Daemon::builder()
-        .config(&claude_config(&fake, 60))
-        .file(
-            ".claude/.credentials.json",
-            &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
-            0o600,
-        )
-        .start();
+    let d = claude_daemon(
+        &fake,
+        &claude_creds(&access_of(0), &refresh_of(0), now() + 3600),
+    );
     let c = d.client().await;
     assert_eq!(c.token("claude", None).await.unwrap().token, access_of(0));
     // A writer that does not rename: the first half lands (and is closed) before the rest.
