@@ -5,9 +5,9 @@ use crate::credentials::claude_lock::ClaudeLocks;
 use crate::credentials::{
     self, api_key, bundle::BundleFile, claude_cli::CredentialsFile, setup_token, store, Source,
 };
-use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, Upstream};
+use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, HttpEndpoint, Upstream};
 use crate::ratelimit::RateLimiter;
-use crate::refresh::{Force, LoginHandle, LoginSpec};
+use crate::refresh::{Force, LoginHandle, LoginSpec, Settings};
 use crate::secret::Secret;
 use crate::sync::lock;
 use llmd_proto::methods::{Event, Limits, ProfileState, ProfileStatus, TokenResult};
@@ -78,33 +78,43 @@ impl Profile {
             AuthKind::SetupToken => Credential::Static(load_setup_token(name, cfg, env.state_dir)),
             AuthKind::Oauth | AuthKind::ClaudeCli => {
                 let key = LoginKey::of(name, cfg, env);
-                let handle = match logins.iter().find(|(k, _)| *k == key) {
-                    Some((_, h)) => {
+                let file = key.file();
+                // One task per login file, whatever the profiles or reloads: a reused task
+                // takes the new settings instead of a second task being started.
+                let handle = match logins.iter_mut().find(|(k, _)| k.file() == file) {
+                    Some((k, h)) => {
+                        if k.claimed && *k != key {
+                            tracing::warn!(
+                                profile = name,
+                                file = %file.display(),
+                                "two profiles use one login file with different OAuth settings; the first profile's settings are used"
+                            );
+                        } else {
+                            // Always: margin and timeout come from `[daemon]`, which the
+                            // key of the previous generation was computed with anew.
+                            h.reconfigure(key.settings(env));
+                            *k = LoginKey {
+                                claimed: true,
+                                ..key
+                            };
+                        }
                         h.source_changed();
                         h.clone()
                     }
                     None => {
-                        if logins
-                            .iter()
-                            .any(|(k, _)| k.source.path() == key.source.path())
-                        {
-                            tracing::warn!(
-                                profile = name,
-                                file = %key.source.path().display(),
-                                "two profiles use one login file with different OAuth settings; they will refresh it independently"
-                            );
-                        }
                         let h = LoginHandle::spawn(LoginSpec {
                             profile: name.to_owned(),
                             source: key.source.clone(),
-                            upstream: key.upstream.clone(),
-                            locks: key.locks.clone(),
-                            margin: key.margin,
-                            timeout: key.timeout,
-                            http: env.http.clone(),
+                            settings: key.settings(env),
                             events: env.events.clone(),
                         });
-                        logins.push((key, h.clone()));
+                        logins.push((
+                            LoginKey {
+                                claimed: true,
+                                ..key
+                            },
+                            h.clone(),
+                        ));
                         h
                     }
                 };
@@ -279,8 +289,9 @@ fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result
     }
 }
 
-/// Everything that defines a login task: profiles whose keys are equal share one task.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything that defines how a login is refreshed. One task serves each login file
+/// ([`LoginKey::file`]); the rest are its settings.
+#[derive(Debug, Clone)]
 pub struct LoginKey {
     /// The login file.
     pub source: Source,
@@ -292,6 +303,16 @@ pub struct LoginKey {
     pub margin: Duration,
     /// Upstream timeout.
     pub timeout: Duration,
+    /// Set once a profile of the config being installed uses it (so a second profile
+    /// with other settings on the same file is noticed).
+    claimed: bool,
+}
+
+impl PartialEq for LoginKey {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.source, &self.upstream, &self.locks, self.margin, self.timeout)
+            == (&o.source, &o.upstream, &o.locks, o.margin, o.timeout)
+    }
 }
 
 impl LoginKey {
@@ -322,6 +343,34 @@ impl LoginKey {
             locks,
             margin,
             timeout: env.timeout,
+            claimed: false,
+        }
+    }
+
+    /// The file the login task owns: the final target when the path is a symlink, so two
+    /// paths to one file share one task.
+    pub fn file(&self) -> std::path::PathBuf {
+        let p = self.source.path();
+        crate::fsutil::write_target(&p).unwrap_or(p)
+    }
+
+    /// The login's unclaimed form, for keys carried over from the previous generation.
+    pub fn unclaimed(self) -> LoginKey {
+        LoginKey {
+            claimed: false,
+            ..self
+        }
+    }
+
+    fn settings(&self, env: &Env<'_>) -> Settings {
+        Settings {
+            endpoint: Arc::new(HttpEndpoint {
+                upstream: self.upstream.clone(),
+                http: env.http.clone(),
+            }),
+            locks: self.locks.clone(),
+            margin: self.margin,
+            timeout: self.timeout,
         }
     }
 }
@@ -335,7 +384,12 @@ fn login_source(
     match cfg.auth {
         AuthKind::ClaudeCli => {
             let dir = config::claude_dir(cfg);
-            let locks = ClaudeLocks::for_dir(&dir, CLAUDE_LOCK_WAIT);
+            // Named after the folder, so every profile on one Claude Code folder notes its
+            // held locks in the same place.
+            let record = state_dir
+                .join("claude-locks")
+                .join(format!("{}.json", credentials::tag_of(Some(&Secret::new(dir.to_string_lossy())))));
+            let locks = ClaudeLocks::for_dir(&dir, CLAUDE_LOCK_WAIT).with_record(record);
             (
                 Source::ClaudeCli(CredentialsFile::in_dir(&dir)),
                 Some(locks),

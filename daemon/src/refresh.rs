@@ -1,26 +1,42 @@
-//! The refresh engine: one task per OAuth login owns its tokens and is the only code that
-//! calls the token endpoint for it.
+//! The refresh engine: one task per OAuth login file owns its tokens and is the only code
+//! that calls the token endpoint for it.
 //!
 //! Readers look at a `watch` snapshot and never wait while the token is valid for what
 //! they need. Everything else (a token that is too old, a forced refresh, a changed file,
-//! the proactive timer, a new login) goes through the login's command queue, which the
-//! task handles one at a time, so at most one upstream refresh per login is ever in flight
-//! and callers who queued behind a refresh are answered from its result instead of
-//! starting another.
+//! the proactive timer, a new login, new settings from a reload) goes through the login's
+//! command queue, which the task handles one at a time.
+//!
+//! The invariants it keeps (docs/DESIGN.md, "OAuth refresh"):
+//! - one refresh per login file, daemon-wide and across reloads: a task owns its file
+//!   through [`owner_of`] for its whole life, and a reload reconfigures the running task
+//!   instead of starting a second one;
+//! - the token endpoint is called only when its result can be saved: the file is read and
+//!   the replacement's temp file made and sized first ([`Source::prepare`]), and for a
+//!   `claude-cli` login Claude Code's main lock is held;
+//! - a file still holding a refresh token this task spent is its own unsaved state, never
+//!   another program's write;
+//! - an answer that arrives after the caller's deadline is still read and kept;
+//! - new tokens are in a file before anyone is given them, and a crash between the write
+//!   and the rename is repaired at the next start ([`Source::recover_leftovers`]).
 
-use crate::credentials::claude_lock::ClaudeLocks;
-use crate::credentials::{unix_now, CasOutcome, Source, Tokens};
-use crate::oauth::{RefreshError, Upstream};
+use crate::credentials::claude_lock::{ClaudeLocks, LockError, LockGuard};
+use crate::credentials::{unix_now, Allow, CasOutcome, FileError, Source, Tokens};
+use crate::fsutil::PreparedWrite;
+use crate::oauth::{RefreshError, TokenEndpoint, TOKEN_ENDPOINT_HARD_LIMIT};
 use crate::secret::Secret;
 use llmd_proto::methods::{event_kinds, Event, ProfileState};
 use llmd_proto::{ErrorKind, RpcError};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// First retry delay after a transient failure; doubles up to [`BACKOFF_CAP`].
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// Longest delay between retries.
+/// Longest delay between retries (unless the endpoint's `retry-after` asks for more).
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// A caller whose `min_valid_secs` exceeds what a fresh token offers may trigger a refresh
 /// at most this often; otherwise a misconfigured agent would rotate the login per call.
@@ -28,10 +44,33 @@ const DEMAND_MIN_INTERVAL: Duration = Duration::from_secs(60);
 /// A provider 401 forces a refresh only for a token older than this: a 401 right after a
 /// refresh is not about the token.
 const STALE_TOKEN_AGE: Duration = Duration::from_secs(60);
+/// Explicit `refresh` calls of one login while its token is valid: at most one this often;
+/// more are refused with `rate_limited`, so one client cannot rotate a login in a loop.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a refreshed token pair that could not be written is written again.
 const PERSIST_RETRY: Duration = Duration::from_secs(5);
 /// `min_valid_secs` above this is treated as this (ten years), so arithmetic cannot wrap.
 const MAX_MIN_VALID: u64 = 10 * 365 * 86_400;
+/// Spent refresh tokens remembered per login.
+const SPENT_KEPT: usize = 16;
+
+/// The ownership lock of a login file: held by its login task for the task's whole life,
+/// so a task that replaces another (a reload that dropped and re-added a profile) starts
+/// only after its predecessor, and any refresh it had in flight, has ended.
+pub fn owner_of(source: &Source) -> Arc<tokio::sync::Mutex<()>> {
+    static OWNERS: OnceLock<std::sync::Mutex<HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>>> =
+        OnceLock::new();
+    let path = source.path();
+    let key = crate::fsutil::write_target(&path).unwrap_or(path);
+    let mut owners = crate::sync::lock(OWNERS.get_or_init(Default::default));
+    owners.retain(|_, w| w.strong_count() > 0);
+    if let Some(m) = owners.get(&key).and_then(Weak::upgrade) {
+        return m;
+    }
+    let m = Arc::new(tokio::sync::Mutex::new(()));
+    owners.insert(key, Arc::downgrade(&m));
+    m
+}
 
 /// What readers see of a login.
 #[derive(Clone, Debug)]
@@ -56,11 +95,9 @@ fn remaining(expires_at: Option<i64>) -> i64 {
 }
 
 impl Snapshot {
-    /// The token if it is valid for at least `min_valid` more seconds.
+    /// The token if it is valid for at least `min_valid` more seconds. A login whose
+    /// refresh token died still serves its access token until that expires.
     pub fn valid_token(&self, min_valid: u64) -> Option<(&Secret, Option<i64>)> {
-        if matches!(self.state, ProfileState::NeedsLogin | ProfileState::Missing) {
-            return None;
-        }
         let token = self.token.as_ref()?;
         (remaining(self.expires_at) >= min_valid.min(MAX_MIN_VALID) as i64)
             .then_some((token, self.expires_at))
@@ -72,7 +109,8 @@ impl Snapshot {
 pub enum Force {
     /// Only if the token is not valid for `min_valid` seconds.
     No,
-    /// Always (an explicit `refresh`); joins a refresh that ended after the request.
+    /// Always (an explicit `refresh`); joins a refresh that ended after the request, and is
+    /// refused with `rate_limited` within [`FORCED_REFRESH_INTERVAL`] of the last one.
     Always,
     /// Only if `used` is still the current token and was not just obtained (a provider
     /// answered 401 for it).
@@ -80,6 +118,33 @@ pub enum Force {
         /// The token the provider rejected.
         used: Secret,
     },
+}
+
+/// How a login is refreshed: what a reload may change on a running task.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Who exchanges the refresh token.
+    pub endpoint: Arc<dyn TokenEndpoint>,
+    /// Claude Code's locks, for `claude-cli` logins.
+    pub locks: Option<ClaudeLocks>,
+    /// Refresh this long before expiry.
+    pub margin: Duration,
+    /// How long a caller waits for the token endpoint.
+    pub timeout: Duration,
+}
+
+/// Why a new login could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Claude Code's locks could not be taken.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// The file could not be written.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The login task is gone (the daemon is stopping).
+    #[error("login task stopped")]
+    Stopped,
 }
 
 /// A request to the login task.
@@ -98,14 +163,16 @@ pub enum Command {
     },
     /// The login's file changed (or a reload asked for a re-read).
     SourceChanged,
-    /// The task was replaced by a reload: stop, so two tasks never refresh one file.
+    /// A reload changed how the login is refreshed; applied between refreshes.
+    Reconfigure(Settings),
+    /// No profile uses the login any more: stop once a refresh in flight has ended.
     Retire,
     /// A new login (`login.finish`): write it under the locks and adopt it.
     Install {
         /// The tokens of the new login.
         tokens: Tokens,
         /// Done, or why not.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), InstallError>>,
     },
 }
 
@@ -115,16 +182,8 @@ pub struct LoginSpec {
     pub profile: String,
     /// Where the tokens live.
     pub source: Source,
-    /// Who refreshes them.
-    pub upstream: Upstream,
-    /// Claude Code's locks, for `claude-cli` logins.
-    pub locks: Option<ClaudeLocks>,
-    /// Refresh this long before expiry.
-    pub margin: Duration,
-    /// Upper bound of one upstream call.
-    pub timeout: Duration,
-    /// HTTP client.
-    pub http: reqwest::Client,
+    /// How it is refreshed.
+    pub settings: Settings,
     /// Event bus.
     pub events: broadcast::Sender<Event>,
 }
@@ -137,7 +196,8 @@ pub struct LoginHandle {
 }
 
 impl LoginHandle {
-    /// Starts the task for a login, after reading its file once.
+    /// Starts the task for a login, after reading its file once (a bounded read of a
+    /// regular file, which cannot block on a FIFO).
     pub fn spawn(spec: LoginSpec) -> Self {
         let path = spec.source.path();
         if crate::fsutil::is_exposed(&path) {
@@ -159,8 +219,12 @@ impl LoginHandle {
             last_error: None,
         });
         let (ctx, crx) = mpsc::unbounded_channel();
+        let owner = owner_of(&spec.source);
         let mut task = LoginTask {
-            spec,
+            profile: spec.profile,
+            source: spec.source,
+            settings: spec.settings,
+            events: spec.events,
             tokens: None,
             refreshed_at: None,
             spent: Vec::new(),
@@ -168,11 +232,13 @@ impl LoginHandle {
             persist_at: None,
             dead: false,
             refreshing: false,
+            late: None,
             refresh_at: None,
             retry_at: None,
             failures: 0,
             last_attempt_end: None,
             last_attempt_ok: true,
+            last_forced: None,
             last_refresh_at: None,
             refresh_count: 0,
             last_error: None,
@@ -183,10 +249,10 @@ impl LoginHandle {
         match initial {
             Ok(Some(t)) => task.adopt(t, false),
             Ok(None) => task.last_error = Some(task.not_found()),
-            Err(e) => task.last_error = Some(e),
+            Err(e) => task.last_error = Some(e.to_string()),
         }
         task.publish();
-        tokio::spawn(task.run());
+        tokio::spawn(task.run(owner));
         LoginHandle {
             snapshot: rx,
             commands: ctx,
@@ -226,12 +292,12 @@ impl LoginHandle {
 
     /// Hands a new login to the task, which writes it (under Claude Code's locks for a
     /// shared login) and starts serving it.
-    pub async fn install(&self, tokens: Tokens) -> Result<(), String> {
+    pub async fn install(&self, tokens: Tokens) -> Result<(), InstallError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Install { tokens, reply })
-            .map_err(|_| "login task stopped".to_owned())?;
-        rx.await.map_err(|_| "login task stopped".to_owned())?
+            .map_err(|_| InstallError::Stopped)?;
+        rx.await.map_err(|_| InstallError::Stopped)?
     }
 
     /// True when both handles lead to the same task.
@@ -239,7 +305,12 @@ impl LoginHandle {
         self.commands.same_channel(&other.commands)
     }
 
-    /// Stops the task (its profile was reconfigured and a new task took over).
+    /// Applies new settings (after the refresh in flight, if any).
+    pub fn reconfigure(&self, settings: Settings) {
+        let _ = self.commands.send(Command::Reconfigure(settings));
+    }
+
+    /// Stops the task (no profile uses its login any more).
     pub fn retire(&self) {
         let _ = self.commands.send(Command::Retire);
     }
@@ -263,14 +334,29 @@ impl LoginHandle {
     }
 }
 
+/// What the token endpoint answered, and when its answer was complete.
+type Answer = (Result<Tokens, RefreshError>, Instant);
+
+/// A refresh whose answer came too late for its caller: still read to its end, and its
+/// tokens kept, with the prepared write and Claude Code's locks held until then.
+struct LateRefresh {
+    call: JoinHandle<Answer>,
+    current: Tokens,
+    prepared: PreparedWrite,
+    _guard: Option<LockGuard>,
+}
+
 struct LoginTask {
-    spec: LoginSpec,
+    profile: String,
+    source: Source,
+    settings: Settings,
+    events: broadcast::Sender<Event>,
     tokens: Option<Tokens>,
     /// When this task obtained the current tokens by refreshing (`None` for tokens adopted
     /// from the file, whose age is unknown).
     refreshed_at: Option<Instant>,
     /// Refresh tokens this task already exchanged: a file still holding one of them is
-    /// stale, never something to adopt.
+    /// stale, never something to adopt, and the task's own to overwrite.
     spent: Vec<Secret>,
     /// The current tokens are not on disk yet (the write failed).
     unsaved: bool,
@@ -279,6 +365,7 @@ struct LoginTask {
     /// The refresh token is known dead: no upstream calls until the tokens change.
     dead: bool,
     refreshing: bool,
+    late: Option<LateRefresh>,
     /// When the proactive refresh is due.
     refresh_at: Option<Instant>,
     /// When the next retry after a transient failure is due.
@@ -286,6 +373,8 @@ struct LoginTask {
     failures: u32,
     last_attempt_end: Option<Instant>,
     last_attempt_ok: bool,
+    /// When the last explicit refresh was let through.
+    last_forced: Option<Instant>,
     last_refresh_at: Option<i64>,
     refresh_count: u64,
     last_error: Option<String>,
@@ -295,9 +384,12 @@ struct LoginTask {
 }
 
 impl LoginTask {
-    async fn run(mut self) {
+    async fn run(mut self, owner: Arc<tokio::sync::Mutex<()>>) {
+        // A predecessor on the same file finishes (and writes) first.
+        let _owner = owner.lock_owned().await;
+        self.recover().await;
         loop {
-            let refresh_due = if self.dead || self.tokens.is_none() {
+            let refresh_due = if self.dead || self.tokens.is_none() || self.late.is_some() {
                 None
             } else {
                 self.retry_at.or(self.refresh_at)
@@ -307,12 +399,14 @@ impl LoginTask {
                 // Nobody holds a handle any more: stop before doing anything else.
                 biased;
                 _ = self.snapshot.closed() => break,
+                answer = poll_late(&mut self.late) => self.finish_late(answer).await,
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Get { min_valid, force, asked, reply }) => {
                         let answer = self.get(min_valid.min(MAX_MIN_VALID), force, asked).await;
                         let _ = reply.send(answer);
                     }
                     Some(Command::SourceChanged) => self.reread().await,
+                    Some(Command::Reconfigure(settings)) => self.reconfigure(settings),
                     Some(Command::Install { tokens, reply }) => {
                         let _ = reply.send(self.install(tokens).await);
                     }
@@ -320,23 +414,67 @@ impl LoginTask {
                 },
                 _ = sleep_until(persist_due) => self.persist_again().await,
                 _ = sleep_until(refresh_due) => {
-                    tracing::debug!(profile = %self.spec.profile, "proactive refresh");
+                    tracing::debug!(profile = %self.profile, "proactive refresh");
                     self.refresh().await;
                 }
             }
         }
-        tracing::debug!(profile = %self.spec.profile, "login task stopped");
+        // A late answer may hold the only live refresh token: keep it before stopping.
+        if self.late.is_some() {
+            let answer = poll_late(&mut self.late).await;
+            self.finish_late(answer).await;
+        }
+        tracing::debug!(profile = %self.profile, "login task stopped");
+    }
+
+    /// At start: removes Claude Code lock folders an earlier llmd died holding, and puts
+    /// back tokens it had written but not yet renamed into place.
+    async fn recover(&mut self) {
+        if let Some(locks) = self.settings.locks.clone() {
+            let _ = tokio::task::spawn_blocking(move || locks.reclaim_own()).await;
+        }
+        if crate::fsutil::leftovers(&self.source.path()).is_empty() {
+            return;
+        }
+        let _guard = match &self.settings.locks {
+            Some(locks) => match locks.acquire().await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::warn!(profile = %self.profile, error = %e, "cannot take Claude Code's lock to recover an interrupted write");
+                    return;
+                }
+            },
+            None => None,
+        };
+        let source = self.source.clone();
+        match tokio::task::spawn_blocking(move || source.recover_leftovers()).await {
+            Ok(Ok(true)) => {
+                tracing::warn!(profile = %self.profile, "recovered refreshed tokens from a write interrupted by a crash");
+                self.reread().await;
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(profile = %self.profile, error = %e, "cannot recover an interrupted write")
+            }
+            Err(e) => tracing::warn!(profile = %self.profile, error = %e, "recovery task failed"),
+        }
+    }
+
+    fn reconfigure(&mut self, settings: Settings) {
+        self.settings = settings;
+        if let Some(t) = self.tokens.clone() {
+            self.schedule(&t, self.refreshed_at.is_some());
+        }
     }
 
     fn not_found(&self) -> String {
-        format!("no login found at {}", self.spec.source.path().display())
+        format!("no login found at {}", self.source.path().display())
     }
 
+    /// The current token if valid for `min_valid` seconds; also while the login is dead,
+    /// since the access token works until it expires.
     fn current(&self, min_valid: u64) -> Option<(Secret, Option<i64>)> {
         let t = self.tokens.as_ref()?;
-        if self.dead {
-            return None;
-        }
         (remaining(t.expires_at) >= min_valid as i64).then(|| (t.access.clone(), t.expires_at))
     }
 
@@ -344,7 +482,7 @@ impl LoginTask {
     fn due(&self) -> bool {
         self.tokens
             .as_ref()
-            .is_some_and(|t| remaining(t.expires_at) <= self.spec.margin.as_secs() as i64)
+            .is_some_and(|t| remaining(t.expires_at) <= self.settings.margin.as_secs() as i64)
     }
 
     async fn get(
@@ -356,16 +494,32 @@ impl LoginTask {
         if self.dead || self.tokens.is_none() {
             // The user or Claude Code may have logged in again since.
             self.reread().await;
-            if self.dead {
-                return Err(self.needs_login_error());
-            }
             if self.tokens.is_none() {
                 return Err(self.no_login_error());
+            }
+            if self.dead {
+                return match (&force, self.current(min_valid)) {
+                    (Force::No, Some(t)) => Ok(t),
+                    _ => Err(self.needs_login_error()),
+                };
             }
         }
         let joined = self.last_attempt_end.is_some_and(|end| end >= asked);
         let wanted = match &force {
-            Force::Always => !joined,
+            Force::Always => {
+                let valid = self.current(1).is_some();
+                let recent = self
+                    .last_forced
+                    .filter(|_| self.last_attempt_ok)
+                    .map(|at| at.elapsed())
+                    .filter(|e| *e < FORCED_REFRESH_INTERVAL);
+                match recent {
+                    Some(elapsed) if !joined && valid => {
+                        return Err(self.forced_too_often(FORCED_REFRESH_INTERVAL - elapsed))
+                    }
+                    _ => !joined,
+                }
+            }
             Force::IfStale { used } => {
                 let is_current = self.tokens.as_ref().is_some_and(|t| &t.access == used);
                 let fresh = self
@@ -385,10 +539,16 @@ impl LoginTask {
             }
         };
         if wanted {
+            if matches!(force, Force::Always) {
+                self.last_forced = Some(Instant::now());
+            }
             self.refresh().await;
         }
         if self.dead {
-            return Err(self.needs_login_error());
+            return match (&force, self.current(min_valid)) {
+                (Force::No, Some(t)) => Ok(t),
+                _ => Err(self.needs_login_error()),
+            };
         }
         if matches!(force, Force::Always) && !self.last_attempt_ok {
             return Err(self.refresh_failed_error());
@@ -402,8 +562,21 @@ impl LoginTask {
         })
     }
 
+    fn forced_too_often(&self, wait: Duration) -> RpcError {
+        RpcError::new(
+            ErrorKind::RateLimited,
+            format!(
+                "profile `{}` was refreshed less than {}s ago and its token is valid; asked too often",
+                self.profile,
+                FORCED_REFRESH_INTERVAL.as_secs()
+            ),
+        )
+        .with("profile", self.profile.as_str())
+        .with("retry_after_ms", wait.as_millis().max(1) as u64)
+    }
+
     fn no_login_error(&self) -> RpcError {
-        let p = &self.spec.profile;
+        let p = &self.profile;
         let why = self.last_error.clone().unwrap_or_else(|| self.not_found());
         RpcError::new(
             ErrorKind::NeedsLogin,
@@ -413,7 +586,7 @@ impl LoginTask {
     }
 
     fn needs_login_error(&self) -> RpcError {
-        let p = &self.spec.profile;
+        let p = &self.profile;
         let why = self
             .last_error
             .as_deref()
@@ -436,7 +609,7 @@ impl LoginTask {
             ErrorKind::RefreshFailed,
             format!(
                 "refreshing profile `{}` failed: {}",
-                self.spec.profile,
+                self.profile,
                 self.last_error.as_deref().unwrap_or("unknown error")
             ),
         )
@@ -451,15 +624,25 @@ impl LoginTask {
             .is_some_and(|r| self.spent.contains(r))
     }
 
+    /// Refresh tokens whose presence in the file means the file holds this task's own
+    /// state: everything it spent, and the current one.
+    fn own_tokens(&self) -> Vec<Secret> {
+        let mut own = self.spent.clone();
+        if let Some(r) = self.tokens.as_ref().and_then(|t| t.refresh.clone()) {
+            own.push(r);
+        }
+        own
+    }
+
     /// Re-reads the file and adopts what it holds when it differs.
     async fn reread(&mut self) {
-        match self.spec.source.read_settled().await {
+        match self.source.read_settled().await {
             Ok(Some(t)) if self.is_stale(&t) => {
-                tracing::debug!(profile = %self.spec.profile, "login file holds tokens already refreshed; ignoring");
+                tracing::debug!(profile = %self.profile, "login file holds tokens already refreshed; ignoring");
             }
             Ok(Some(t)) => {
                 if self.tokens.as_ref() != Some(&t) {
-                    tracing::info!(profile = %self.spec.profile, "adopted tokens written by another program");
+                    tracing::info!(profile = %self.profile, "adopted tokens written by another program");
                     self.adopt(t, false);
                     self.unsaved = false;
                     self.publish();
@@ -470,13 +653,14 @@ impl LoginTask {
                     return;
                 }
                 if self.tokens.take().is_some() {
-                    tracing::warn!(profile = %self.spec.profile, "login file removed");
+                    tracing::warn!(profile = %self.profile, "login file removed");
                     self.last_error = Some(self.not_found());
                     self.publish();
                 }
             }
             Err(e) => {
-                tracing::warn!(profile = %self.spec.profile, error = %e, "cannot read login file; keeping current tokens");
+                let e = e.to_string();
+                tracing::warn!(profile = %self.profile, error = %e, "cannot read login file; keeping current tokens");
                 if self.tokens.is_none() && self.last_error.as_ref() != Some(&e) {
                     self.last_error = Some(e);
                     self.publish();
@@ -485,18 +669,13 @@ impl LoginTask {
         }
     }
 
-    /// Takes `t` as the current tokens and schedules the next proactive refresh.
-    fn adopt(&mut self, t: Tokens, refreshed: bool) {
-        let rotated = self.tokens.as_ref().map(|c| &c.access) != Some(&t.access);
-        self.dead = false;
-        self.retry_at = None;
-        self.failures = 0;
-        self.refreshed_at = refreshed.then(Instant::now);
+    /// When to refresh `t` proactively.
+    fn schedule(&mut self, t: &Tokens, refreshed: bool) {
         self.refresh_at = t.expires_at.map(|exp| {
             let remaining = exp.saturating_sub(unix_now()).clamp(0, i64::from(u32::MAX)) as u64;
             // Refresh `margin` ahead. A token we just got whose whole life is shorter than
             // the margin is refreshed half-way instead, so it cannot cause a refresh storm.
-            let margin = self.spec.margin.as_secs();
+            let margin = self.settings.margin.as_secs();
             let lead = if refreshed {
                 margin.min(remaining / 2)
             } else {
@@ -518,6 +697,18 @@ impl LoginTask {
                 at
             }
         });
+    }
+
+    /// Takes `t` as the current tokens and schedules the next proactive refresh. The new
+    /// token is published before `token.rotated` goes out, so a client that asks on the
+    /// event gets the new token.
+    fn adopt(&mut self, t: Tokens, refreshed: bool) {
+        let rotated = self.tokens.as_ref().map(|c| &c.access) != Some(&t.access);
+        self.dead = false;
+        self.retry_at = None;
+        self.failures = 0;
+        self.refreshed_at = refreshed.then(Instant::now);
+        self.schedule(&t, refreshed);
         if refreshed {
             self.refresh_count += 1;
             self.last_refresh_at = Some(unix_now());
@@ -528,9 +719,10 @@ impl LoginTask {
         let expires_at = t.expires_at;
         self.tokens = Some(t);
         if rotated {
-            let _ = self.spec.events.send(Event {
+            self.publish();
+            let _ = self.events.send(Event {
                 kind: event_kinds::TOKEN_ROTATED.into(),
-                profile: self.spec.profile.clone(),
+                profile: self.profile.clone(),
                 expires_at,
                 state: None,
                 error: None,
@@ -538,13 +730,26 @@ impl LoginTask {
         }
     }
 
-    /// Writes tokens off the runtime's worker threads (two fsyncs).
-    async fn write(&self, tokens: &Tokens, expected: Option<Secret>) -> Result<CasOutcome, String> {
-        let source = self.spec.source.clone();
+    /// Writes tokens off the runtime's worker threads, replacing only the task's own state
+    /// (or, for `Allow::Any`, whatever is there).
+    async fn write(
+        &self,
+        tokens: &Tokens,
+        prepared: Option<PreparedWrite>,
+        any: bool,
+    ) -> Result<CasOutcome, FileError> {
+        let source = self.source.clone();
         let tokens = tokens.clone();
-        tokio::task::spawn_blocking(move || source.write_cas(&tokens, expected.as_ref()))
-            .await
-            .map_err(|e| format!("write task failed: {e}"))?
+        let own = self.own_tokens();
+        tokio::task::spawn_blocking(move || {
+            let allow = if any { Allow::Any } else { Allow::Own(&own) };
+            match prepared {
+                Some(p) => source.commit(p, &tokens, allow),
+                None => source.write(&tokens, allow),
+            }
+        })
+        .await
+        .map_err(|e| FileError::Folder(format!("write task failed: {e}")))?
     }
 
     async fn persist_again(&mut self) {
@@ -552,28 +757,52 @@ impl LoginTask {
             self.unsaved = false;
             return;
         };
-        let expected = self.spent.last().cloned();
-        match self.write(&t, expected).await {
-            Ok(_) => {
-                tracing::info!(profile = %self.spec.profile, "refreshed tokens written after an earlier failure");
+        let _guard = match &self.settings.locks {
+            Some(locks) => match locks.acquire().await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::warn!(profile = %self.profile, error = %e, "still cannot write refreshed tokens");
+                    self.persist_at = Some(Instant::now() + PERSIST_RETRY);
+                    return;
+                }
+            },
+            None => None,
+        };
+        match self.write(&t, None, false).await {
+            Ok(CasOutcome::Written { .. }) => {
+                tracing::info!(profile = %self.profile, "refreshed tokens written after an earlier failure");
                 self.unsaved = false;
                 self.last_error = None;
                 self.publish();
             }
+            Ok(CasOutcome::Conflict(on_disk)) => {
+                // Not one of our own states: another program logged in meanwhile.
+                tracing::warn!(profile = %self.profile, "login file replaced by another program before our tokens could be written; adopting it");
+                self.unsaved = false;
+                self.adopt(on_disk, false);
+                self.publish();
+            }
             Err(e) => {
-                tracing::warn!(profile = %self.spec.profile, error = %e, "still cannot write refreshed tokens");
+                tracing::warn!(profile = %self.profile, error = %e, "still cannot write refreshed tokens");
+                self.last_error = Some(format!("refreshed tokens not saved yet: {e}"));
                 self.persist_at = Some(Instant::now() + PERSIST_RETRY);
+                self.publish();
             }
         }
     }
 
     /// A new login from `login.finish`: written under the locks, then served.
-    async fn install(&mut self, tokens: Tokens) -> Result<(), String> {
-        let _guard = match &self.spec.locks {
+    async fn install(&mut self, tokens: Tokens) -> Result<(), InstallError> {
+        if let (Some(dir), Some(_)) = (self.source.path().parent(), &self.settings.locks) {
+            if !dir.exists() {
+                crate::fsutil::ensure_private_dir(dir).map_err(FileError::Folder)?;
+            }
+        }
+        let _guard = match &self.settings.locks {
             Some(locks) => Some(locks.acquire().await?),
             None => None,
         };
-        self.write(&tokens, None).await?;
+        self.write(&tokens, None, true).await?;
         self.adopt(tokens, false);
         self.unsaved = false;
         self.publish();
@@ -589,24 +818,30 @@ impl LoginTask {
         self.publish();
         let outcome = self.refresh_locked().await;
         self.refreshing = false;
+        self.settle(outcome);
+    }
+
+    /// Records how an attempt ended and schedules what follows.
+    fn settle(&mut self, outcome: Result<(), RefreshError>) {
         self.last_attempt_end = Some(Instant::now());
         self.last_attempt_ok = outcome.is_ok();
         match outcome {
             Ok(()) => {}
             Err(RefreshError::Dead(why)) => {
-                tracing::warn!(profile = %self.spec.profile, reason = %why, "login is dead; waiting for a new login");
+                tracing::warn!(profile = %self.profile, reason = %why, "login is dead; waiting for a new login");
                 self.dead = true;
                 self.last_error = Some(why);
             }
-            Err(RefreshError::Transient(why)) => {
+            Err(RefreshError::Transient { why, retry_after }) => {
                 self.failures += 1;
                 let exp = BACKOFF_BASE
                     .saturating_mul(1 << self.failures.min(10))
                     .min(BACKOFF_CAP);
                 let jitter =
                     Duration::from_millis(rand::random::<u64>() % (exp.as_millis() as u64 / 5 + 1));
-                self.retry_at = Some(Instant::now() + exp + jitter);
-                tracing::warn!(profile = %self.spec.profile, reason = %why, retry_in_ms = (exp + jitter).as_millis() as u64, "refresh failed; will retry");
+                let wait = (exp + jitter).max(retry_after.unwrap_or_default());
+                self.retry_at = Some(Instant::now() + wait);
+                tracing::warn!(profile = %self.profile, reason = %why, retry_in_ms = wait.as_millis() as u64, "refresh failed; will retry");
                 self.last_error = Some(why);
             }
         }
@@ -614,20 +849,35 @@ impl LoginTask {
     }
 
     async fn refresh_locked(&mut self) -> Result<(), RefreshError> {
-        let _guard = match &self.spec.locks {
-            Some(locks) => Some(locks.acquire().await.map_err(RefreshError::Transient)?),
+        if self.late.is_some() {
+            return Err(RefreshError::transient(
+                "the token endpoint has not answered the previous refresh yet",
+            ));
+        }
+        let guard = match &self.settings.locks {
+            Some(locks) => Some(
+                locks
+                    .acquire()
+                    .await
+                    .map_err(|e| RefreshError::transient(e.to_string()))?,
+            ),
             None => None,
         };
         // Under the lock, the file is the truth: another program may have refreshed.
-        match self.spec.source.read_settled().await {
+        match self.source.read_settled().await {
             Ok(Some(on_disk))
                 if !self.is_stale(&on_disk) && self.tokens.as_ref() != Some(&on_disk) =>
             {
                 let newer = on_disk.refresh != self.tokens.as_ref().and_then(|t| t.refresh.clone());
-                tracing::info!(profile = %self.spec.profile, "login file changed before refresh; adopting it");
-                self.adopt(on_disk, false);
-                if newer && !self.due() {
-                    return Ok(());
+                if self.unsaved && !newer {
+                    // Our own unsaved refresh is ahead of the file; nothing to adopt.
+                } else {
+                    tracing::info!(profile = %self.profile, "login file changed before refresh; adopting it");
+                    self.adopt(on_disk, false);
+                    self.unsaved = false;
+                    if newer && !self.due() {
+                        return Ok(());
+                    }
                 }
             }
             Ok(None) if self.tokens.is_none() => return Err(RefreshError::Dead(self.not_found())),
@@ -636,52 +886,117 @@ impl LoginTask {
         let Some(current) = self.tokens.clone() else {
             return Err(RefreshError::Dead(self.not_found()));
         };
-        let call = self.spec.upstream.refresh(&self.spec.http, &current);
-        let new = match tokio::time::timeout(self.spec.timeout, call).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(RefreshError::Dead(why))) => {
+        if current.refresh.is_none() {
+            return Err(RefreshError::Dead("the login has no refresh token".into()));
+        }
+        // Everything that could stop the result from being saved fails here, before the
+        // token endpoint spends the refresh token.
+        let source = self.source.clone();
+        let expected = current.refresh.clone();
+        let prepared = tokio::task::spawn_blocking(move || source.prepare(expected.as_ref()))
+            .await
+            .map_err(|e| RefreshError::transient(format!("write task failed: {e}")))?
+            .map_err(|e| {
+                RefreshError::transient(format!(
+                    "not refreshing, because the result could not be saved: {e}"
+                ))
+            })?;
+        let call = self.settings.endpoint.refresh(&current);
+        let mut call = tokio::spawn(async move {
+            let result = match tokio::time::timeout(TOKEN_ENDPOINT_HARD_LIMIT, call).await {
+                Ok(r) => r,
+                Err(_) => Err(RefreshError::transient(format!(
+                    "token endpoint did not answer within {}s",
+                    TOKEN_ENDPOINT_HARD_LIMIT.as_secs()
+                ))),
+            };
+            (result, Instant::now())
+        });
+        let answer = match tokio::time::timeout(self.settings.timeout, &mut call).await {
+            Ok(joined) => joined.unwrap_or_else(|e| {
+                (
+                    Err(RefreshError::transient(format!("refresh task failed: {e}"))),
+                    Instant::now(),
+                )
+            }),
+            Err(_) => {
+                let secs = self.settings.timeout.as_secs();
+                tracing::warn!(profile = %self.profile, timeout_secs = secs, "token endpoint is slow; still waiting for its answer in the background");
+                self.late = Some(LateRefresh {
+                    call,
+                    current,
+                    prepared,
+                    _guard: guard,
+                });
+                return Err(RefreshError::transient(format!(
+                    "token endpoint did not answer within {secs}s (refresh_timeout_secs); its answer is still awaited"
+                )));
+            }
+        };
+        let result = self.finish(current, prepared, answer).await;
+        drop(guard);
+        result
+    }
+
+    /// Handles the answer of a refresh whose caller stopped waiting.
+    async fn finish_late(&mut self, answer: Answer) {
+        let Some(late) = self.late.take() else { return };
+        tracing::info!(profile = %self.profile, "the token endpoint answered a refresh late");
+        let outcome = self.finish(late.current, late.prepared, answer).await;
+        drop(late._guard);
+        self.settle(outcome);
+    }
+
+    /// Saves and adopts what the token endpoint answered for `current`.
+    async fn finish(
+        &mut self,
+        current: Tokens,
+        prepared: PreparedWrite,
+        (result, answered): Answer,
+    ) -> Result<(), RefreshError> {
+        let new = match result {
+            Ok(t) => t,
+            Err(RefreshError::Dead(why)) => {
+                drop(prepared);
                 // Someone may have refreshed with our refresh token meanwhile and written
                 // the result: adopt it instead of giving up.
-                if let Ok(Some(on_disk)) = self.spec.source.read_settled().await {
+                if let Ok(Some(on_disk)) = self.source.read_settled().await {
                     if on_disk.refresh.is_some()
                         && on_disk.refresh != current.refresh
                         && !self.is_stale(&on_disk)
                     {
-                        tracing::info!(profile = %self.spec.profile, "refresh token was spent by another program; adopting its tokens");
+                        tracing::info!(profile = %self.profile, "refresh token was spent by another program; adopting its tokens");
                         self.adopt(on_disk, false);
                         return Ok(());
                     }
                 }
                 return Err(RefreshError::Dead(why));
             }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(RefreshError::Transient(format!(
-                    "token endpoint did not answer within {}s",
-                    self.spec.timeout.as_secs()
-                )))
-            }
+            Err(e) => return Err(e),
         };
         if let Some(r) = &current.refresh {
-            if new.refresh.as_ref() != Some(r) {
+            if new.refresh.as_ref() != Some(r) && !self.spent.contains(r) {
                 self.spent.push(r.clone());
                 // Only the most recent ones can still be on disk somewhere.
-                if self.spent.len() > 8 {
+                if self.spent.len() > SPENT_KEPT {
                     self.spent.remove(0);
                 }
             }
         }
         // Persist before anyone sees the new token: a crash now must not lose the only
         // copy of a rotated refresh token.
-        match self.write(&new, current.refresh.clone()).await {
-            Ok(CasOutcome::Written) => {}
+        match self.write(&new, Some(prepared), false).await {
+            Ok(CasOutcome::Written { filled }) => {
+                let in_memory_us = filled.saturating_duration_since(answered.into_std()).as_micros() as u64;
+                tracing::info!(profile = %self.profile, expires_at = new.expires_at, in_memory_us, "refreshed");
+            }
             Ok(CasOutcome::Conflict(on_disk)) => {
-                tracing::warn!(profile = %self.spec.profile, "login file changed during refresh; keeping the file's tokens");
+                tracing::warn!(profile = %self.profile, "login file changed during refresh; keeping the file's tokens");
                 self.adopt(on_disk, false);
                 return Ok(());
             }
             Err(e) => {
-                tracing::error!(profile = %self.spec.profile, error = %e, "cannot write refreshed tokens; serving them from memory and retrying the write");
+                tracing::error!(profile = %self.profile, error = %e, "cannot write refreshed tokens; serving them from memory and retrying the write");
                 self.adopt(new, true);
                 self.unsaved = true;
                 self.persist_at = Some(Instant::now() + PERSIST_RETRY);
@@ -689,7 +1004,6 @@ impl LoginTask {
                 return Ok(());
             }
         }
-        tracing::info!(profile = %self.spec.profile, expires_at = new.expires_at, "refreshed");
         self.adopt(new, true);
         self.unsaved = false;
         Ok(())
@@ -724,9 +1038,9 @@ impl LoginTask {
             let changed = self.published_state.as_ref().map(|(s, _)| *s) != Some(state);
             self.published_state = Some(visible);
             if changed {
-                let _ = self.spec.events.send(Event {
+                let _ = self.events.send(Event {
                     kind: event_kinds::PROFILE_STATE.into(),
-                    profile: self.spec.profile.clone(),
+                    profile: self.profile.clone(),
                     expires_at: None,
                     state: Some(state),
                     error: self.last_error.clone(),
@@ -739,6 +1053,20 @@ impl LoginTask {
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer of a late refresh, once it is there (never, without one).
+async fn poll_late(late: &mut Option<LateRefresh>) -> Answer {
+    match late {
+        Some(l) => match (&mut l.call).await {
+            Ok(answer) => answer,
+            Err(e) => (
+                Err(RefreshError::transient(format!("refresh task failed: {e}"))),
+                Instant::now(),
+            ),
+        },
         None => std::future::pending().await,
     }
 }

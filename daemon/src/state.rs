@@ -118,13 +118,48 @@ impl Daemon {
 
     /// Reads the config file again. On error the running config stays and the message
     /// says why.
-    pub fn reload(&self) -> Result<Vec<String>, String> {
-        let (config, source) =
-            config::load(&self.config_path, self.config_explicit).map_err(|e| e.0)?;
+    pub async fn reload(&self) -> Result<Vec<String>, String> {
+        let (config, source) = self.load_settled().await?;
         let old = self.registry();
         let names = self.install(config, source, &old.profiles);
         tracing::info!(profiles = ?names, "configuration reloaded");
         Ok(names)
+    }
+
+    /// Reads the config for a reload. An editor that saves without renaming truncates
+    /// the file and then writes it, so the file is read until two reads a moment apart
+    /// agree, and an empty file is refused rather than taken as "no profiles".
+    async fn load_settled(&self) -> Result<(Config, ConfigSource), String> {
+        const SETTLE: Duration = Duration::from_millis(50);
+        const ATTEMPTS: usize = 20;
+        let read = |path: PathBuf| async move {
+            tokio::task::spawn_blocking(move || std::fs::read(&path).ok())
+                .await
+                .ok()
+                .flatten()
+        };
+        let path = self.config_path.clone();
+        let mut last = read(path.clone()).await;
+        for _ in 0..ATTEMPTS {
+            tokio::time::sleep(SETTLE).await;
+            let now = read(path.clone()).await;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        if last.as_deref().is_some_and(|b| b.iter().all(u8::is_ascii_whitespace)) {
+            return Err(format!(
+                "{} is empty (being written?); keeping the running configuration",
+                path.display()
+            ));
+        }
+        let path2 = path.clone();
+        let explicit = self.config_explicit;
+        tokio::task::spawn_blocking(move || config::load(&path2, explicit))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))?
+            .map_err(|e| e.0)
     }
 
     /// Stops every login task, waiting at most `limit` for refreshes in flight: an exit in

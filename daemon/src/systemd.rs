@@ -109,7 +109,7 @@ pub fn handle_signals(
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                 _ = hup.recv() => {
                     notifier.reloading();
-                    let status = match daemon.reload() {
+                    let status = match daemon.reload().await {
                         Ok(names) => format!("{}; configuration reloaded", serving_status(names.len(), &socket)),
                         Err(e) => {
                             tracing::error!(error = %e, "reload failed; keeping the running configuration");

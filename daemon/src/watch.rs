@@ -42,67 +42,120 @@ struct Entry {
     tell: mpsc::UnboundedSender<Command>,
 }
 
-async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Result<()> {
-    let inotify = Inotify::init()?;
-    let mut stream = inotify.into_event_stream(vec![0u8; 16 * 1024])?;
-    let mut watches = stream.watches();
-    let mut by_wd: HashMap<WatchDescriptor, PathBuf> = HashMap::new();
-    let mut entries: Vec<Entry> = Vec::new();
-    // Folders that did not exist yet (Claude Code not installed, no login so far): tried
-    // again now and then, so a login made later is still picked up without a reload.
-    let mut missing: Vec<PathBuf> = Vec::new();
-    let mut retry = tokio::time::interval(std::time::Duration::from_secs(10));
-    let mask = WatchMask::CLOSE_WRITE
+/// How often folders that do not exist (yet, or any more) are tried again.
+const MISSING_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The watch set: which folders are watched for which files.
+struct Watches {
+    watches: inotify::Watches,
+    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    targets: Vec<Target>,
+    entries: Vec<Entry>,
+    /// Folders that did not exist (Claude Code not installed, a folder removed and not yet
+    /// made again): tried again every [`MISSING_RETRY`], so a login made later is picked up
+    /// without a reload.
+    missing: Vec<PathBuf>,
+}
+
+fn mask() -> WatchMask {
+    WatchMask::CLOSE_WRITE
         | WatchMask::MOVED_TO
         | WatchMask::CREATE
         | WatchMask::DELETE
-        | WatchMask::MOVED_FROM;
+        | WatchMask::MOVED_FROM
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+}
+
+impl Watches {
+    /// Recomputes the entries from the targets: each file's folder and, for a symlink, the
+    /// folder of its current final target (which changes when the link is re-pointed).
+    /// Returns the folders that were watched anew.
+    fn rebuild(&mut self) -> Vec<PathBuf> {
+        let mut entries = Vec::new();
+        for (path, tell) in &self.targets {
+            let mut files = vec![path.clone()];
+            if let Ok(t) = fsutil::write_target(path) {
+                if &t != path {
+                    files.push(t);
+                }
+            }
+            for file in files {
+                let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
+                    continue;
+                };
+                entries.push(Entry {
+                    dir: dir.to_path_buf(),
+                    name: name.to_owned(),
+                    tell: tell.clone(),
+                });
+            }
+        }
+        let wanted: Vec<PathBuf> = {
+            let mut d: Vec<PathBuf> = entries.iter().map(|e| e.dir.clone()).collect();
+            d.sort();
+            d.dedup();
+            d
+        };
+        let stale: Vec<WatchDescriptor> = self
+            .by_wd
+            .iter()
+            .filter(|(_, d)| !wanted.contains(d))
+            .map(|(wd, _)| wd.clone())
+            .collect();
+        for wd in stale {
+            let _ = self.watches.remove(wd.clone());
+            self.by_wd.remove(&wd);
+        }
+        self.missing.retain(|m| wanted.contains(m));
+        let mut added = Vec::new();
+        for dir in wanted {
+            if self.by_wd.values().any(|d| *d == dir) || self.missing.contains(&dir) {
+                continue;
+            }
+            match self.watches.add(&dir, mask()) {
+                Ok(wd) => {
+                    self.by_wd.insert(wd, dir.clone());
+                    added.push(dir);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.missing.push(dir),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
+            }
+        }
+        self.entries = entries;
+        added
+    }
+
+    fn tell_dir(&self, dir: &PathBuf) {
+        for e in self.entries.iter().filter(|e| &e.dir == dir) {
+            let _ = e.tell.send(Command::SourceChanged);
+        }
+    }
+}
+
+async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Result<()> {
+    let inotify = Inotify::init()?;
+    let mut stream = inotify.into_event_stream(vec![0u8; 16 * 1024])?;
+    let mut w = Watches {
+        watches: stream.watches(),
+        by_wd: HashMap::new(),
+        targets: Vec::new(),
+        entries: Vec::new(),
+        missing: Vec::new(),
+    };
+    let mut retry = tokio::time::interval(MISSING_RETRY);
     loop {
         tokio::select! {
             update = updates.recv() => {
                 let Some(targets) = update else { return Ok(()) };
-                for wd in by_wd.keys() {
-                    let _ = watches.remove(wd.clone());
-                }
-                by_wd.clear();
-                entries.clear();
-                missing.clear();
-                for (path, tell) in targets {
-                    // Watch the link's folder and, for a symlink, the target's folder too.
-                    let mut files = vec![path.clone()];
-                    if let Ok(t) = fsutil::write_target(&path) {
-                        if t != path {
-                            files.push(t);
-                        }
-                    }
-                    for file in files {
-                        let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else { continue };
-                        if !by_wd.values().any(|d| d == dir) {
-                            match watches.add(dir, mask) {
-                                Ok(wd) => { by_wd.insert(wd, dir.to_path_buf()); }
-                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                                    if !missing.iter().any(|m| m == dir) {
-                                        missing.push(dir.to_path_buf());
-                                    }
-                                }
-                                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
-                            }
-                        }
-                        entries.push(Entry { dir: dir.to_path_buf(), name: name.to_owned(), tell: tell.clone() });
-                    }
-                }
+                w.targets = targets;
+                w.rebuild();
             }
-            _ = retry.tick(), if !missing.is_empty() => {
-                missing.retain(|dir| match watches.add(dir, mask) {
-                    Ok(wd) => {
-                        by_wd.insert(wd, dir.clone());
-                        for e in entries.iter().filter(|e| &e.dir == dir) {
-                            let _ = e.tell.send(Command::SourceChanged);
-                        }
-                        false
-                    }
-                    Err(_) => true,
-                });
+            _ = retry.tick(), if !w.missing.is_empty() => {
+                w.missing.clear();
+                for dir in w.rebuild() {
+                    w.tell_dir(&dir);
+                }
             }
             event = stream.next() => {
                 let Some(event) = event else { return Ok(()) };
@@ -116,14 +169,29 @@ async fn run(mut updates: mpsc::UnboundedReceiver<Vec<Target>>) -> std::io::Resu
                     }
                 };
                 if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
-                    for e in &entries {
+                    for e in &w.entries {
                         let _ = e.tell.send(Command::SourceChanged);
                     }
                     continue;
                 }
-                let (Some(dir), Some(name)) = (by_wd.get(&event.wd), event.name) else { continue };
-                for e in entries.iter().filter(|e| &e.dir == dir && e.name == name) {
-                    let _ = e.tell.send(Command::SourceChanged);
+                if event.mask.contains(inotify::EventMask::IGNORED) {
+                    // The folder itself was removed: watch for it to come back.
+                    if let Some(dir) = w.by_wd.remove(&event.wd) {
+                        w.tell_dir(&dir);
+                        w.rebuild();
+                    }
+                    continue;
+                }
+                let (Some(dir), Some(name)) = (w.by_wd.get(&event.wd).cloned(), event.name) else { continue };
+                let hit = w.entries.iter().any(|e| e.dir == dir && e.name == name);
+                if hit {
+                    // A symlink may have been re-pointed: follow it to its new target.
+                    for added in w.rebuild() {
+                        w.tell_dir(&added);
+                    }
+                    for e in w.entries.iter().filter(|e| e.dir == dir && e.name == name) {
+                        let _ = e.tell.send(Command::SourceChanged);
+                    }
                 }
             }
         }

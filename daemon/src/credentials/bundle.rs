@@ -2,7 +2,7 @@
 //! `{access_token, refresh_token, expires_at (unix s), account_email?, obtained_at?, source?,
 //! scopes?, region?}`. Unknown fields are kept on rewrite.
 
-use super::{unix_now, Tokens};
+use super::{unix_now, FileError, Tokens};
 use crate::fsutil;
 use crate::secret::Secret;
 use serde_json::{Map, Value};
@@ -20,35 +20,36 @@ pub struct BundleFile {
 
 impl BundleFile {
     /// Reads the bundle; refuses a file readable by group or others.
-    pub fn read(&self) -> Result<Option<Tokens>, String> {
+    pub fn read(&self) -> Result<Option<Tokens>, FileError> {
         Ok(self.read_object()?.map(|(t, _)| t))
     }
 
     /// Reads the bundle and also returns the whole JSON object.
-    pub fn read_object(&self) -> Result<Option<(Tokens, JsonObject)>, String> {
+    pub fn read_object(&self) -> Result<Option<(Tokens, JsonObject)>, FileError> {
+        match self.read_parsed()? {
+            Some((Some(t), obj, _)) => Ok(Some((t, obj))),
+            Some((None, _, _)) => Err(FileError::MissingField {
+                path: self.path.clone(),
+                field: "access_token",
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// The tokens (or `None` without an `access_token`), the object and the file size.
+    pub(super) fn read_parsed(&self) -> Result<Option<(Option<Tokens>, JsonObject, u64)>, FileError> {
         let p = &self.path;
-        let text = match std::fs::read(p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read bundle {}: {e}", p.display())),
+        let Some((obj, len)) = super::read_json_object(p)? else {
+            return Ok(None);
         };
         if fsutil::is_exposed(p) {
-            return Err(format!(
-                "bundle {} is readable by group/others; run `chmod 600 {}`",
-                p.display(),
-                p.display()
-            ));
+            return Err(FileError::Exposed(p.clone()));
         }
-        let obj: Map<String, Value> = serde_json::from_slice(&text)
-            .map_err(|e| format!("bundle {}: {}", p.display(), super::json_problem(&e)))?;
         let access = obj
             .get("access_token")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty());
-        let Some(access) = access else {
-            return Err(format!("bundle {} has no `access_token`", p.display()));
-        };
-        let tokens = Tokens {
+        let tokens = access.map(|access| Tokens {
             access: Secret::new(access),
             refresh: obj
                 .get("refresh_token")
@@ -60,49 +61,55 @@ impl BundleFile {
                 .and_then(Value::as_i64)
                 .map(super::clamp_expiry),
             scopes: scopes_of(obj.get("scopes")),
-        };
-        Ok(Some((tokens, obj)))
+        });
+        Ok(Some((tokens, obj, len)))
     }
 
     /// Writes `tokens`, keeping the other fields of the current file.
-    pub fn write(&self, tokens: &Tokens) -> Result<(), String> {
-        // A file that exists but cannot be read is not overwritten: it may hold fields
-        // (region, account) that the rewrite would lose.
-        let mut obj = match self.read_object()? {
-            Some((_, obj)) => obj,
-            None => Map::new(),
-        };
-        obj.insert(
-            "access_token".into(),
-            Value::String(tokens.access.expose().into()),
-        );
-        if let Some(r) = &tokens.refresh {
-            obj.insert("refresh_token".into(), Value::String(r.expose().into()));
-        }
-        match tokens.expires_at {
-            Some(e) => obj.insert("expires_at".into(), e.into()),
-            None => obj.remove("expires_at"),
-        };
-        obj.insert("obtained_at".into(), unix_now().into());
-        if !tokens.scopes.is_empty() {
-            obj.insert("scopes".into(), tokens.scopes.clone().into());
-        }
-        obj.entry("source").or_insert_with(|| "llmd".into());
-        self.write_object(&obj)
+    pub fn write(&self, tokens: &Tokens) -> Result<(), FileError> {
+        super::Source::Bundle(self.clone())
+            .write(tokens, super::Allow::Any)
+            .map(|_| ())
     }
 
     /// Writes a whole JSON object (0600, atomic, into a 0700 folder when llmd creates it).
-    pub fn write_object(&self, obj: &Map<String, Value>) -> Result<(), String> {
+    pub fn write_object(&self, obj: &Map<String, Value>) -> Result<(), FileError> {
         if let Some(dir) = self.path.parent() {
             if !dir.exists() {
-                fsutil::ensure_private_dir(dir)?;
+                fsutil::ensure_private_dir(dir).map_err(FileError::Folder)?;
             }
         }
-        let mut bytes = serde_json::to_vec_pretty(obj).map_err(|e| e.to_string())?;
+        let mut bytes = serde_json::to_vec_pretty(obj).unwrap_or_default();
         bytes.push(b'\n');
-        fsutil::write_secret_atomic(&self.path, &bytes)
-            .map_err(|e| format!("cannot write bundle {}: {e}", self.path.display()))
+        fsutil::write_secret_atomic(&self.path, &bytes).map_err(|source| FileError::Write {
+            path: self.path.clone(),
+            source,
+        })
     }
+}
+
+/// The bundle `obj` with `tokens` put in, as the bytes of the file.
+pub(super) fn render(mut obj: JsonObject, tokens: &Tokens) -> Vec<u8> {
+    obj.insert(
+        "access_token".into(),
+        Value::String(tokens.access.expose().into()),
+    );
+    if let Some(r) = &tokens.refresh {
+        obj.insert("refresh_token".into(), Value::String(r.expose().into()));
+    }
+    match tokens.expires_at {
+        Some(e) => obj.insert("expires_at".into(), e.into()),
+        None => obj.shift_remove("expires_at"),
+    };
+    obj.insert("obtained_at".into(), unix_now().into());
+    if !tokens.scopes.is_empty() {
+        obj.insert("scopes".into(), tokens.scopes.clone().into());
+    }
+    obj.entry("source").or_insert_with(|| "llmd".into());
+    // Serializing a map of strings and numbers cannot fail.
+    let mut bytes = serde_json::to_vec_pretty(&obj).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
 }
 
 /// Scopes as a list, from either a JSON array or a space-separated string.
@@ -155,6 +162,6 @@ mod tests {
         };
         std::fs::write(&b.path, r#"{"access_token":"a1"}"#).unwrap();
         std::fs::set_permissions(&b.path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(b.read().unwrap_err().contains("chmod 600"));
+        assert!(b.read().unwrap_err().to_string().contains("chmod 600"));
     }
 }

@@ -2,8 +2,7 @@
 //! `{"claudeAiOauth": {accessToken, refreshToken, expiresAt (ms), scopes, subscriptionType, …}, …}`.
 //! llmd rewrites only the token fields and keeps every other field as it found it.
 
-use super::{bundle::scopes_of, Tokens};
-use crate::fsutil;
+use super::{bundle::scopes_of, FileError, Tokens};
 use crate::secret::Secret;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -27,82 +26,71 @@ impl CredentialsFile {
     }
 
     /// Reads the tokens; `Ok(None)` when the file or its `claudeAiOauth` entry is absent.
-    pub fn read(&self) -> Result<Option<Tokens>, String> {
-        let Some(root) = self.read_root()? else {
+    pub fn read(&self) -> Result<Option<Tokens>, FileError> {
+        Ok(self.read_parsed()?.and_then(|(t, _, _)| t))
+    }
+
+    /// The tokens (if any), the whole object and the file size.
+    pub(super) fn read_parsed(&self) -> Result<Option<(Option<Tokens>, Map<String, Value>, u64)>, FileError> {
+        let Some((root, len)) = super::read_json_object(&self.path)? else {
             return Ok(None);
         };
-        let Some(oauth) = root.get(OAUTH_KEY).and_then(Value::as_object) else {
-            return Ok(None);
-        };
-        // Claude Code blanks the tokens when its refresh token is rejected: no login.
-        let Some(access) = oauth
-            .get("accessToken")
+        let tokens = root
+            .get(OAUTH_KEY)
+            .and_then(Value::as_object)
+            .and_then(tokens_of);
+        Ok(Some((tokens, root, len)))
+    }
+}
+
+fn tokens_of(oauth: &Map<String, Value>) -> Option<Tokens> {
+    // Claude Code blanks the tokens when its refresh token is rejected: no login.
+    let access = oauth
+        .get("accessToken")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())?;
+    Some(Tokens {
+        access: Secret::new(access),
+        refresh: oauth
+            .get("refreshToken")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
-        else {
-            return Ok(None);
-        };
-        Ok(Some(Tokens {
-            access: Secret::new(access),
-            refresh: oauth
-                .get("refreshToken")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(Secret::new),
-            expires_at: oauth
-                .get("expiresAt")
-                .and_then(Value::as_i64)
-                .map(|ms| super::clamp_expiry(ms / 1000)),
-            scopes: scopes_of(oauth.get("scopes")),
-        }))
-    }
+            .map(Secret::new),
+        expires_at: oauth
+            .get("expiresAt")
+            .and_then(Value::as_i64)
+            .map(|ms| super::clamp_expiry(ms / 1000)),
+        scopes: scopes_of(oauth.get("scopes")),
+    })
+}
 
-    fn read_root(&self) -> Result<Option<Map<String, Value>>, String> {
-        let text = match std::fs::read(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read {}: {e}", self.path.display())),
-        };
-        serde_json::from_slice(&text)
-            .map(Some)
-            .map_err(|e| format!("{}: {}", self.path.display(), super::json_problem(&e)))
+/// `root` with the tokens put into `claudeAiOauth`, every other field and the key order
+/// kept, as the bytes of the file.
+pub(super) fn render(mut root: Map<String, Value>, tokens: &Tokens) -> Vec<u8> {
+    let oauth = root
+        .entry(OAUTH_KEY)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !oauth.is_object() {
+        *oauth = Value::Object(Map::new());
     }
-
-    /// Writes the tokens into `claudeAiOauth`, keeping every other field; creates the file
-    /// when it does not exist.
-    pub fn write(&self, tokens: &Tokens) -> Result<(), String> {
-        let mut root = self.read_root()?.unwrap_or_default();
-        let oauth = root
-            .entry(OAUTH_KEY)
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !oauth.is_object() {
-            *oauth = Value::Object(Map::new());
+    if let Value::Object(o) = oauth {
+        o.insert(
+            "accessToken".into(),
+            Value::String(tokens.access.expose().into()),
+        );
+        if let Some(r) = &tokens.refresh {
+            o.insert("refreshToken".into(), Value::String(r.expose().into()));
         }
-        if let Value::Object(o) = oauth {
-            o.insert(
-                "accessToken".into(),
-                Value::String(tokens.access.expose().into()),
-            );
-            if let Some(r) = &tokens.refresh {
-                o.insert("refreshToken".into(), Value::String(r.expose().into()));
-            }
-            if let Some(e) = tokens.expires_at {
-                o.insert("expiresAt".into(), (e * 1000).into());
-            }
-            if !tokens.scopes.is_empty() {
-                o.insert("scopes".into(), tokens.scopes.clone().into());
-            }
+        if let Some(e) = tokens.expires_at {
+            o.insert("expiresAt".into(), (e * 1000).into());
         }
-        if let Some(dir) = self.path.parent() {
-            if !dir.exists() {
-                fsutil::ensure_private_dir(dir)?;
-            }
+        if !tokens.scopes.is_empty() {
+            o.insert("scopes".into(), tokens.scopes.clone().into());
         }
-        // Claude Code writes this file compactly; so do we, to keep diffs minimal.
-        let bytes = serde_json::to_vec(&root).map_err(|e| e.to_string())?;
-        fsutil::write_secret_atomic(&self.path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
     }
+    // Claude Code writes this file compactly; so do we, to keep diffs minimal. Serializing
+    // a parsed JSON object cannot fail.
+    serde_json::to_vec(&root).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -121,12 +109,16 @@ mod tests {
         let t = f.read().unwrap().unwrap();
         assert_eq!(t.expires_at, Some(1_700_000_000));
         assert_eq!(t.scopes, vec!["user:inference"]);
-        f.write(&Tokens {
-            access: Secret::new("a2"),
-            refresh: Some(Secret::new("r2")),
-            expires_at: Some(1_800_000_000),
-            scopes: t.scopes,
-        })
+        let src = super::super::Source::ClaudeCli(f.clone());
+        src.write(
+            &Tokens {
+                access: Secret::new("a2"),
+                refresh: Some(Secret::new("r2")),
+                expires_at: Some(1_800_000_000),
+                scopes: t.scopes,
+            },
+            super::super::Allow::Any,
+        )
         .unwrap();
         let v: Value = serde_json::from_slice(&std::fs::read(&f.path).unwrap()).unwrap();
         assert_eq!(v["claudeAiOauth"]["accessToken"], "a2");
@@ -135,7 +127,30 @@ mod tests {
         assert_eq!(v["claudeAiOauth"]["subscriptionType"], "max");
         assert_eq!(v["claudeAiOauth"]["rateLimitTier"], "x");
         assert_eq!(v["mcpOAuth"]["k"]["v"], 1);
-        assert_eq!(fsutil::mode_of(&f.path), Some(0o600));
+        assert_eq!(crate::fsutil::mode_of(&f.path), Some(0o600));
+        // Only the token fields changed, and every key kept its place.
+        let text = std::fs::read_to_string(&f.path).unwrap();
+        assert!(
+            text.starts_with(r#"{"claudeAiOauth":{"accessToken":"a2","refreshToken":"r2","expiresAt":1800000000000,"scopes":["user:inference"],"subscriptionType":"max","rateLimitTier":"x"},"mcpOAuth""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn key_order_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = CredentialsFile::in_dir(dir.path());
+        let before = r#"{"zeta":1,"claudeAiOauth":{"subscriptionType":"pro","refreshToken":"r1","accessToken":"a1","expiresAt":5000},"alpha":2}"#;
+        std::fs::write(&f.path, before).unwrap();
+        let src = super::super::Source::ClaudeCli(f.clone());
+        let mut t = f.read().unwrap().unwrap();
+        t.access = Secret::new("a2");
+        t.refresh = Some(Secret::new("r2"));
+        src.write(&t, super::super::Allow::Any).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&f.path).unwrap(),
+            r#"{"zeta":1,"claudeAiOauth":{"subscriptionType":"pro","refreshToken":"r2","accessToken":"a2","expiresAt":5000},"alpha":2}"#
+        );
     }
 
     #[test]

@@ -12,12 +12,20 @@ pub mod setup_token;
 pub mod store;
 
 use crate::config::{AuthKind, Provider};
+use crate::fsutil::{self, PreparedWrite, ReadError};
 use crate::secret::Secret;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Instant;
 
 /// `anthropic-beta` value that OAuth access tokens need.
 pub const ANTHROPIC_OAUTH_BETA: &str = "oauth-2025-04-20";
+
+/// Room reserved in a prepared write beyond the current file's size: a token pair
+/// grows the file by far less.
+const WRITE_HEADROOM: u64 = 4096;
 
 /// An OAuth token pair as held in a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +40,68 @@ pub struct Tokens {
     pub scopes: Vec<String>,
 }
 
+/// Why a login file could not be read or written. Texts name the file but never quote
+/// its contents, which may be tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Not a regular file, too large, or an I/O error.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// A bundle readable by group or others is refused.
+    #[error("bundle {} is readable by group/others; run `chmod 600 {}`", .0.display(), .0.display())]
+    Exposed(PathBuf),
+    /// Not JSON, or not the expected shape.
+    #[error("{}: {problem}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, without quoting the file.
+        problem: String,
+        /// The JSON stops early: possibly a write in progress.
+        truncated: bool,
+    },
+    /// A required field is absent.
+    #[error("{} has no `{field}`", path.display())]
+    MissingField {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+    },
+    /// The folder could not be created or is not private.
+    #[error("{0}")]
+    Folder(String),
+    /// Preparing or committing the replacement failed (full disk, read-only, permission).
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl FileError {
+    /// True when the file ends early: a writer that does not rename may be half-way.
+    pub fn is_truncated(&self) -> bool {
+        matches!(
+            self,
+            FileError::Json {
+                truncated: true,
+                ..
+            }
+        )
+    }
+
+    fn json(path: &std::path::Path, e: &serde_json::Error) -> FileError {
+        FileError::Json {
+            path: path.to_path_buf(),
+            problem: json_problem(e),
+            truncated: e.is_eof(),
+        }
+    }
+}
+
 /// The file an OAuth login lives in.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
@@ -44,11 +114,28 @@ pub enum Source {
 /// Result of a compare-and-swap write.
 #[derive(Debug)]
 pub enum CasOutcome {
-    /// The file held the expected refresh token and now holds the new tokens.
-    Written,
-    /// Someone else changed the file first; it holds these tokens and was left alone.
+    /// The file now holds the new tokens. `filled` is when they first reached the file
+    /// system (from then on they survive a kill of the process).
+    Written {
+        /// When the contents were in the temp file.
+        filled: Instant,
+    },
+    /// Another program wrote the file first; it holds these tokens and was left alone.
     Conflict(Tokens),
 }
+
+/// Which file states a compare-and-swap write may replace.
+#[derive(Debug, Clone, Copy)]
+pub enum Allow<'a> {
+    /// Whatever the file holds (a new login).
+    Any,
+    /// A file without tokens, or one whose refresh token is one of these (tokens this
+    /// daemon held itself, spent or current): anything else is another program's write.
+    Own(&'a [Secret]),
+}
+
+/// A login file parsed whole: its tokens (if any) and the JSON object they came from.
+type Parsed = (Option<Tokens>, Map<String, Value>, u64);
 
 impl Source {
     /// The file path (the symlink itself when it is one).
@@ -59,55 +146,173 @@ impl Source {
         }
     }
 
-    /// Reads the tokens; `Ok(None)` when the file does not exist.
-    pub fn read(&self) -> Result<Option<Tokens>, String> {
+    /// Reads the tokens; `Ok(None)` when the file does not exist. Bounded and never
+    /// blocking on a FIFO, so it may run on the runtime at load time; the login task runs
+    /// it on the blocking pool.
+    pub fn read(&self) -> Result<Option<Tokens>, FileError> {
+        Ok(self.read_parsed()?.and_then(|(t, _, _)| t))
+    }
+
+    fn read_parsed(&self) -> Result<Option<Parsed>, FileError> {
         match self {
-            Source::Bundle(b) => b.read(),
-            Source::ClaudeCli(c) => c.read(),
+            Source::Bundle(b) => b.read_parsed(),
+            Source::ClaudeCli(c) => c.read_parsed(),
         }
     }
 
-    /// Reads, retrying a few times when the file does not parse: a writer that does not
-    /// rename may be half-way through.
-    pub async fn read_settled(&self) -> Result<Option<Tokens>, String> {
-        let mut last = String::new();
-        for attempt in 0..6 {
-            match self.read() {
-                Ok(t) => return Ok(t),
-                // Only a file that ends early can be a write in progress; any other error
-                // (permissions, wrong shape) will not fix itself in a second.
-                Err(e) if self.truncated() => last = e,
-                Err(e) => return Err(e),
+    /// [`Source::read`] off the runtime's worker threads, retrying a few times when the
+    /// file ends early: a writer that does not rename may be half-way through.
+    pub async fn read_settled(&self) -> Result<Option<Tokens>, FileError> {
+        let mut attempt = 0;
+        loop {
+            let source = self.clone();
+            let read = tokio::task::spawn_blocking(move || source.read())
+                .await
+                .map_err(|e| FileError::Folder(format!("read task failed: {e}")))?;
+            match read {
+                Err(e) if e.is_truncated() && attempt < 5 => {}
+                other => return other,
             }
             tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+            attempt += 1;
         }
-        Err(last)
     }
 
-    /// True when the file's JSON stops before its end (or the file is empty).
-    fn truncated(&self) -> bool {
-        std::fs::read(self.path()).is_ok_and(|bytes| {
-            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err_and(|e| e.is_eof())
-        })
+    /// Checks, before a refresh, that its result can be saved: the file (if any) is
+    /// readable and well-formed, and its folder takes a new file of the needed size. The
+    /// temp file made here is the one [`Source::commit`] fills.
+    pub fn prepare(&self, expected: Option<&Secret>) -> Result<PreparedWrite, FileError> {
+        let size = self.read_parsed()?.map_or(0, |(_, _, len)| len);
+        let path = self.path();
+        if let Some(dir) = path.parent() {
+            if !dir.exists() {
+                fsutil::ensure_private_dir(dir).map_err(FileError::Folder)?;
+            }
+        }
+        PreparedWrite::create(&path, &tag_of(expected), size + WRITE_HEADROOM)
+            .map_err(|source| FileError::Write { path, source })
     }
 
-    /// Writes `new` only if the file still holds `expected` as its refresh token (or has
-    /// no tokens at all), keeping every other field.
-    pub fn write_cas(&self, new: &Tokens, expected: Option<&Secret>) -> Result<CasOutcome, String> {
+    /// Writes `new` through `prepared` unless another program changed the file (see
+    /// [`Allow`]), keeping every other field.
+    pub fn commit(
+        &self,
+        mut prepared: PreparedWrite,
+        new: &Tokens,
+        allow: Allow<'_>,
+    ) -> Result<CasOutcome, FileError> {
         // Unreadable is not the same as absent: never overwrite what we could not check.
-        let current = self
-            .read()
-            .map_err(|e| format!("cannot check the login file before writing: {e}"))?;
-        if let (Some(cur), Some(exp)) = (&current, expected) {
-            if cur.refresh.as_ref() != Some(exp) && cur != new {
+        let (current, obj) = match self.read_parsed()? {
+            Some((t, obj, _)) => (t, obj),
+            None => (None, Map::new()),
+        };
+        if let (Some(cur), Allow::Own(own)) = (&current, allow) {
+            let ours = cur.refresh.as_ref().is_none_or(|r| own.contains(r));
+            if !ours && cur != new {
                 return Ok(CasOutcome::Conflict(cur.clone()));
             }
         }
-        match self {
-            Source::Bundle(b) => b.write(new),
-            Source::ClaudeCli(c) => c.write(new),
+        let bytes = match self {
+            Source::Bundle(_) => bundle::render(obj, new),
+            Source::ClaudeCli(_) => claude_cli::render(obj, new),
+        };
+        let path = self.path();
+        let io = |source| FileError::Write {
+            path: path.clone(),
+            source,
+        };
+        prepared.fill(&bytes).map_err(io)?;
+        let filled = Instant::now();
+        prepared.commit().map_err(io)?;
+        Ok(CasOutcome::Written { filled })
+    }
+
+    /// [`Source::prepare`] and [`Source::commit`] in one step.
+    pub fn write(&self, new: &Tokens, allow: Allow<'_>) -> Result<CasOutcome, FileError> {
+        let expected = match allow {
+            Allow::Own(own) => own.last(),
+            Allow::Any => None,
+        };
+        let prepared = self.prepare(expected)?;
+        self.commit(prepared, new, allow)
+    }
+
+    /// Puts back what a crashed llmd had written but not yet renamed: a leftover temp file
+    /// made to replace the file's current state is the newer login. Other leftovers are
+    /// removed. Returns true when the file was replaced. Temp files of a running process
+    /// are left alone.
+    pub fn recover_leftovers(&self) -> Result<bool, FileError> {
+        let left = fsutil::leftovers(&self.path());
+        if left.is_empty() {
+            return Ok(false);
         }
-        .map(|()| CasOutcome::Written)
+        let current = match self.read() {
+            Ok(t) => t,
+            // A broken main file: leave everything as it is for the user to look at.
+            Err(e) => return Err(e),
+        };
+        let want = tag_of(current.as_ref().and_then(|t| t.refresh.as_ref()));
+        let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+        for l in left {
+            if fsutil::other_process_alive(l.pid) {
+                continue;
+            }
+            let successor = l.tag == want && self.parse_leftover(&l.path, current.as_ref());
+            let mtime = std::fs::metadata(&l.path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            if successor && best.as_ref().is_none_or(|(t, _)| mtime > *t) {
+                if let Some((_, old)) = best.replace((mtime, l.path)) {
+                    let _ = std::fs::remove_file(old);
+                }
+            } else {
+                let _ = std::fs::remove_file(&l.path);
+            }
+        }
+        let Some((_, tmp)) = best else {
+            return Ok(false);
+        };
+        let path = self.path();
+        let io = |source| FileError::Write {
+            path: path.clone(),
+            source,
+        };
+        let target = fsutil::write_target(&path).map_err(io)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&tmp, &target).map_err(io)?;
+        if let Some(dir) = target.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(true)
+    }
+
+    /// True when the temp file at `tmp` parses as this kind of file and holds tokens that
+    /// differ from `current`.
+    fn parse_leftover(&self, tmp: &std::path::Path, current: Option<&Tokens>) -> bool {
+        let probe = match self {
+            Source::Bundle(_) => Source::Bundle(bundle::BundleFile {
+                path: tmp.to_path_buf(),
+            }),
+            Source::ClaudeCli(_) => Source::ClaudeCli(claude_cli::CredentialsFile {
+                path: tmp.to_path_buf(),
+            }),
+        };
+        matches!(probe.read(), Ok(Some(t)) if Some(&t) != current && t.refresh.is_some())
+    }
+}
+
+/// The name tag of a write meant to replace a file whose refresh token is `expected`: a
+/// short hash, so a restarted llmd can match a leftover temp file to the state it was
+/// meant to follow without the name revealing the token.
+pub fn tag_of(expected: Option<&Secret>) -> String {
+    match expected {
+        Some(r) => {
+            let d = Sha256::digest(r.expose().as_bytes());
+            d[..8].iter().map(|b| format!("{b:02x}")).collect()
+        }
+        None => "none".into(),
     }
 }
 
@@ -120,6 +325,14 @@ pub fn clamp_expiry(unix_secs: i64) -> i64 {
     unix_secs.clamp(0, MAX_EXPIRY)
 }
 
+/// Reads and parses a JSON object file (bounded, regular files only).
+fn read_json_object(path: &std::path::Path) -> Result<Option<(Map<String, Value>, u64)>, FileError> {
+    let Some(bytes) = fsutil::read_regular_capped(path)? else {
+        return Ok(None);
+    };
+    let obj = serde_json::from_slice(&bytes).map_err(|e| FileError::json(path, &e))?;
+    Ok(Some((obj, bytes.len() as u64)))
+}
 /// A JSON error described without quoting the file's content (which may be a token).
 pub fn json_problem(e: &serde_json::Error) -> String {
     match e.classify() {

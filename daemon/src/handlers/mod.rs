@@ -44,7 +44,7 @@ pub async fn dispatch(
         names::STATUS => status::handle(ctx, params),
         names::TOKEN => token::token(ctx, params).await,
         names::REFRESH => token::refresh(ctx, params).await,
-        names::RELOAD => reload::handle(ctx, params),
+        names::RELOAD => reload::handle(ctx, params).await,
         names::SUBSCRIBE => subscribe::handle(ctx, params),
         names::CREDENTIALS_SET => credentials::set(ctx, params),
         names::LOGIN_START => login::start(ctx, params),

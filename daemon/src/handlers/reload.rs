@@ -6,9 +6,9 @@ use llmd_proto::RpcError;
 use serde_json::value::RawValue;
 
 /// Reloads; a bad config keeps the running one and the error says why.
-pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
+pub async fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let _: Empty = parse(params)?;
-    match ctx.daemon.reload() {
+    match ctx.daemon.reload().await {
         Ok(profiles) => ok(&ReloadResult { profiles }),
         Err(why) => {
             tracing::error!(error = %why, "reload failed; keeping the running configuration");

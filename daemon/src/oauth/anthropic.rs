@@ -78,7 +78,12 @@ impl AnthropicOAuth {
         if !scopes.is_empty() {
             body["scope"] = scopes.join(" ").into();
         }
-        let resp = http.post(&self.token_endpoint).json(&body).send().await;
+        let resp = http
+            .post(&self.token_endpoint)
+            .timeout(super::TOKEN_ENDPOINT_HARD_LIMIT)
+            .json(&body)
+            .send()
+            .await;
         parse_token_response(resp, Some(rt), scopes, "expires_in").await
     }
 

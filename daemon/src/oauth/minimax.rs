@@ -53,7 +53,12 @@ impl MinimaxOAuth {
             ("client_id", self.client_id.as_str()),
             ("refresh_token", rt.expose()),
         ];
-        let resp = http.post(&self.token_endpoint).form(&form).send().await;
+        let resp = http
+            .post(&self.token_endpoint)
+            .timeout(super::TOKEN_ENDPOINT_HARD_LIMIT)
+            .form(&form)
+            .send()
+            .await;
         parse_token_response(resp, Some(rt), scopes, "expired_in").await
     }
 }
