@@ -29,6 +29,9 @@ pub struct DaemonConfig {
     pub refresh_margin_secs: u64,
     /// Give up on one upstream refresh call after this long.
     pub refresh_timeout_secs: u64,
+    /// Explicit `refresh` calls of one login while its token is valid are let through at
+    /// most this often (0: no limit); others get `rate_limited`.
+    pub forced_refresh_interval_secs: u64,
     /// Longest accepted request line.
     pub max_frame_bytes: usize,
     /// Concurrent client connections; more are answered `busy`.
@@ -48,6 +51,7 @@ impl Default for DaemonConfig {
             state_dir: None,
             refresh_margin_secs: 300,
             refresh_timeout_secs: 30,
+            forced_refresh_interval_secs: 5,
             max_frame_bytes: llmd_proto::DEFAULT_MAX_FRAME_BYTES,
             max_connections: 1024,
             max_queued_responses: 1024,

@@ -90,8 +90,9 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
     manager.start_watchdog(probe_address.as_ref(), daemon.shutdown.clone());
     server::run(daemon.clone(), listener, grace).await;
     // A refresh in flight gets to write its tokens, within the same stop budget.
-    let refresh_limit =
-        Duration::from_secs(daemon.registry().config.daemon.refresh_timeout_secs + 1);
+    let refresh_limit = llmd::refresh::late_limit(Duration::from_secs(
+        daemon.registry().config.daemon.refresh_timeout_secs,
+    )) + Duration::from_secs(1);
     daemon.stop_logins(refresh_limit.min(grace)).await;
     tracing::info!("stopped");
     Ok(())

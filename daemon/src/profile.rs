@@ -57,6 +57,8 @@ pub struct Env<'a> {
     pub margin: Duration,
     /// `[daemon] refresh_timeout_secs`.
     pub timeout: Duration,
+    /// `[daemon] forced_refresh_interval_secs`.
+    pub forced_interval: Duration,
     /// HTTP client.
     pub http: &'a reqwest::Client,
     /// Event bus.
@@ -371,6 +373,7 @@ impl LoginKey {
             locks: self.locks.clone(),
             margin: self.margin,
             timeout: self.timeout,
+            forced_interval: env.forced_interval,
         }
     }
 }

@@ -44,9 +44,6 @@ const DEMAND_MIN_INTERVAL: Duration = Duration::from_secs(60);
 /// A provider 401 forces a refresh only for a token older than this: a 401 right after a
 /// refresh is not about the token.
 const STALE_TOKEN_AGE: Duration = Duration::from_secs(60);
-/// Explicit `refresh` calls of one login while its token is valid: at most one this often;
-/// more are refused with `rate_limited`, so one client cannot rotate a login in a loop.
-pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a refreshed token pair that could not be written is written again.
 const PERSIST_RETRY: Duration = Duration::from_secs(5);
 /// `min_valid_secs` above this is treated as this (ten years), so arithmetic cannot wrap.
@@ -110,7 +107,7 @@ pub enum Force {
     /// Only if the token is not valid for `min_valid` seconds.
     No,
     /// Always (an explicit `refresh`); joins a refresh that ended after the request, and is
-    /// refused with `rate_limited` within [`FORCED_REFRESH_INTERVAL`] of the last one.
+    /// refused with `rate_limited` within [`Settings::forced_interval`] of the last one.
     Always,
     /// Only if `used` is still the current token and was not just obtained (a provider
     /// answered 401 for it).
@@ -129,8 +126,20 @@ pub struct Settings {
     pub locks: Option<ClaudeLocks>,
     /// Refresh this long before expiry.
     pub margin: Duration,
-    /// How long a caller waits for the token endpoint.
+    /// How long a caller waits for the token endpoint. The answer itself is awaited
+    /// longer, in the background ([`late_limit`]).
     pub timeout: Duration,
+    /// Explicit refreshes while the token is valid are let through at most this often, so
+    /// one client cannot rotate a login in a loop; zero means no limit.
+    pub forced_interval: Duration,
+}
+
+/// How long a refresh's answer is awaited in the background once its caller has given up:
+/// the endpoint may have rotated the login already, and then its answer is the only copy.
+pub fn late_limit(timeout: Duration) -> Duration {
+    (timeout * 4)
+        .max(Duration::from_secs(10))
+        .min(TOKEN_ENDPOINT_HARD_LIMIT)
 }
 
 /// Why a new login could not be installed.
@@ -512,10 +521,10 @@ impl LoginTask {
                     .last_forced
                     .filter(|_| self.last_attempt_ok)
                     .map(|at| at.elapsed())
-                    .filter(|e| *e < FORCED_REFRESH_INTERVAL);
+                    .filter(|e| *e < self.settings.forced_interval);
                 match recent {
                     Some(elapsed) if !joined && valid => {
-                        return Err(self.forced_too_often(FORCED_REFRESH_INTERVAL - elapsed))
+                        return Err(self.forced_too_often(self.settings.forced_interval - elapsed))
                     }
                     _ => !joined,
                 }
@@ -568,7 +577,7 @@ impl LoginTask {
             format!(
                 "profile `{}` was refreshed less than {}s ago and its token is valid; asked too often",
                 self.profile,
-                FORCED_REFRESH_INTERVAL.as_secs()
+                self.settings.forced_interval.as_secs()
             ),
         )
         .with("profile", self.profile.as_str())
@@ -902,12 +911,13 @@ impl LoginTask {
                 ))
             })?;
         let call = self.settings.endpoint.refresh(&current);
+        let limit = late_limit(self.settings.timeout);
         let mut call = tokio::spawn(async move {
-            let result = match tokio::time::timeout(TOKEN_ENDPOINT_HARD_LIMIT, call).await {
+            let result = match tokio::time::timeout(limit, call).await {
                 Ok(r) => r,
                 Err(_) => Err(RefreshError::transient(format!(
                     "token endpoint did not answer within {}s",
-                    TOKEN_ENDPOINT_HARD_LIMIT.as_secs()
+                    limit.as_secs()
                 ))),
             };
             (result, Instant::now())

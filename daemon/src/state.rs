@@ -212,6 +212,7 @@ impl Daemon {
             state_dir: &state_dir,
             margin: Duration::from_secs(config.daemon.refresh_margin_secs),
             timeout: Duration::from_secs(config.daemon.refresh_timeout_secs),
+            forced_interval: Duration::from_secs(config.daemon.forced_refresh_interval_secs),
             http: &self.http,
             events: &self.events,
         };
