@@ -1080,3 +1080,423 @@ async fn poll_late(late: &mut Option<LateRefresh>) -> Answer {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The engine's decision table, driven against a real bundle in a temp folder and a
+    //! scripted token endpoint, under tokio's paused clock.
+    use super::*;
+    use crate::credentials::bundle::BundleFile;
+    use crate::oauth::RefreshFuture;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    type Reply = oneshot::Sender<Result<Tokens, RefreshError>>;
+
+    /// A token endpoint whose every call waits for the test to answer it.
+    #[derive(Debug)]
+    struct Gate {
+        calls: mpsc::UnboundedSender<(Tokens, Reply)>,
+        count: Arc<AtomicU64>,
+    }
+
+    impl TokenEndpoint for Gate {
+        fn refresh(&self, current: &Tokens) -> RefreshFuture {
+            let (tx, rx) = oneshot::channel();
+            self.count.fetch_add(1, Ordering::SeqCst);
+            let _ = self.calls.send((current.clone(), tx));
+            Box::pin(async move {
+                rx.await
+                    .unwrap_or_else(|_| Err(RefreshError::transient("gate dropped")))
+            })
+        }
+    }
+
+    fn tokens(generation: u64, valid_for: i64) -> Tokens {
+        Tokens {
+            access: Secret::new(format!("access-{generation}")),
+            refresh: Some(Secret::new(format!("refresh-{generation}"))),
+            expires_at: Some(unix_now() + valid_for),
+            scopes: vec![],
+        }
+    }
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        source: Source,
+        handle: LoginHandle,
+        calls: mpsc::UnboundedReceiver<(Tokens, Reply)>,
+        count: Arc<AtomicU64>,
+        endpoint: Arc<Gate>,
+        bus: broadcast::Sender<Event>,
+    }
+
+    fn settings(endpoint: Arc<Gate>, timeout_secs: u64) -> Settings {
+        Settings {
+            endpoint,
+            locks: None,
+            margin: Duration::from_secs(60),
+            timeout: Duration::from_secs(timeout_secs),
+            forced_interval: Duration::from_secs(5),
+        }
+    }
+
+    fn start(initial: &Tokens, timeout_secs: u64) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source::Bundle(BundleFile {
+            path: dir.path().join("work.json"),
+        });
+        source.write(initial, Allow::Any).unwrap();
+        let (tx, calls) = mpsc::unbounded_channel();
+        let count = Arc::new(AtomicU64::new(0));
+        let endpoint = Arc::new(Gate {
+            calls: tx,
+            count: count.clone(),
+        });
+        let (bus, _) = broadcast::channel(64);
+        let handle = LoginHandle::spawn(LoginSpec {
+            profile: "work".into(),
+            source: source.clone(),
+            settings: settings(endpoint.clone(), timeout_secs),
+            events: bus.clone(),
+        });
+        Harness {
+            _dir: dir,
+            source,
+            handle,
+            calls,
+            count,
+            endpoint,
+            bus,
+        }
+    }
+
+    impl Harness {
+        fn on_disk(&self) -> Tokens {
+            self.source.read().unwrap().unwrap()
+        }
+
+        fn calls(&self) -> u64 {
+            self.count.load(Ordering::SeqCst)
+        }
+
+        async fn next_call(&mut self) -> (Tokens, Reply) {
+            tokio::time::timeout(Duration::from_secs(600), self.calls.recv())
+                .await
+                .expect("a refresh call")
+                .expect("endpoint alive")
+        }
+
+        fn chmod(&self, mode: u32) {
+            std::fs::set_permissions(self.source.path(), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+
+        fn token(&self) -> impl Future<Output = Result<(Secret, Option<i64>), RpcError>> + 'static {
+            let h = self.handle.clone();
+            async move { h.token(0, Force::No).await }
+        }
+
+        fn forced(&self) -> impl Future<Output = Result<(Secret, Option<i64>), RpcError>> + 'static {
+            let h = self.handle.clone();
+            async move { h.token(0, Force::Always).await }
+        }
+    }
+
+    use std::future::Future;
+
+    fn access(r: &Result<(Secret, Option<i64>), RpcError>) -> String {
+        match r {
+            Ok((t, _)) => t.expose().to_owned(),
+            Err(e) => format!("error: {}", e.message),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serves_a_valid_token_without_calling_the_endpoint() {
+        let h = start(&tokens(0, 3600), 30);
+        for _ in 0..100 {
+            assert_eq!(access(&h.token().await), "access-0");
+        }
+        assert_eq!(h.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_at_expiry_join_one_refresh_and_the_file_is_written_first() {
+        let mut h = start(&tokens(0, -1), 30);
+        let waiters: Vec<_> = (0..50).map(|_| tokio::spawn(h.token())).collect();
+        let (current, reply) = h.next_call().await;
+        assert_eq!(current.refresh, tokens(0, 0).refresh);
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        for w in waiters {
+            let got = w.await.unwrap();
+            assert_eq!(access(&got), "access-1");
+        }
+        assert_eq!(h.calls(), 1, "one upstream call for 50 callers");
+        assert_eq!(h.on_disk().refresh, tokens(1, 0).refresh);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_rotated_is_sent_after_the_new_token_is_served() {
+        let mut h = start(&tokens(0, 3600), 30);
+        let mut events = h.bus.subscribe();
+        let forced = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.kind == event_kinds::TOKEN_ROTATED {
+                break;
+            }
+        }
+        // A client that asks on the event gets the new token, never the old one.
+        assert_eq!(access(&h.token().await), "access-1");
+        assert_eq!(access(&forced.await.unwrap()), "access-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adopts_what_another_program_wrote() {
+        let h = start(&tokens(0, 3600), 30);
+        h.source.write(&tokens(7, 3600), Allow::Any).unwrap();
+        h.handle.source_changed();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while access(&h.token().await) != "access-7" {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(h.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backs_off_as_the_endpoint_asks() {
+        let mut h = start(&tokens(0, 30), 30);
+        // Inside the margin: the proactive refresh starts at once.
+        let (_, reply) = h.next_call().await;
+        reply
+            .send(Err(RefreshError::Transient {
+                why: "busy".into(),
+                retry_after: Some(Duration::from_secs(40)),
+            }))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(39)).await;
+        assert_eq!(h.calls(), 1, "no retry before retry-after");
+        assert_eq!(access(&h.token().await), "access-0", "old token still served");
+        let (_, reply) = h.next_call().await;
+        assert!(Instant::now() >= Instant::now() - Duration::from_secs(1));
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(access(&h.token().await), "access-1");
+        assert_eq!(h.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn does_not_refresh_when_the_result_could_not_be_saved() {
+        let h = start(&tokens(0, 3600), 30);
+        h.chmod(0o640);
+        let got = h.forced().await;
+        assert!(access(&got).contains("could not be saved"), "{}", access(&got));
+        assert_eq!(h.calls(), 0, "the refresh token was not spent");
+        h.chmod(0o600);
+        assert_eq!(h.on_disk().refresh, tokens(0, 0).refresh);
+        assert!(crate::fsutil::leftovers(&h.source.path()).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_unsaved_state_is_never_taken_for_another_writer() {
+        let mut h = start(&tokens(0, 3600), 30);
+        // The write fails after the endpoint rotated (the file became unreadable for
+        // llmd's checks while the call was out).
+        let first = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        h.chmod(0o640);
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        assert_eq!(access(&first.await.unwrap()), "access-1", "served from memory");
+        let snap = h.handle.snapshot().clone();
+        assert!(snap.last_error.unwrap().contains("not saved yet"));
+        // The disk heals; the file still holds R0, which llmd itself spent.
+        h.chmod(0o600);
+        h.handle.source_changed();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(access(&h.token().await), "access-1", "R0 is not re-adopted");
+        // A second refresh before the retry: the new pair replaces R0 in the file.
+        tokio::time::sleep(Duration::from_millis(5100)).await;
+        // (the retry may have written R1 by now; either way R0 is gone)
+        let second = tokio::spawn(h.forced());
+        let (current, reply) = h.next_call().await;
+        assert_eq!(current.refresh, tokens(1, 0).refresh, "refreshes with R1, not R0");
+        reply.send(Ok(tokens(2, 3600))).unwrap();
+        assert_eq!(access(&second.await.unwrap()), "access-2");
+        assert_eq!(h.on_disk().refresh, tokens(2, 0).refresh);
+        assert!(h.handle.snapshot().last_error.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_write_retry_writes_and_does_not_count_a_conflict_as_success() {
+        let mut h = start(&tokens(0, 3600), 30);
+        let first = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        h.chmod(0o640);
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        first.await.unwrap().unwrap();
+        h.chmod(0o600);
+        // The retry, 5 s later, finds R0 (its own spent token) and writes R1 over it.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(h.on_disk().refresh, tokens(1, 0).refresh);
+        assert!(h.handle.snapshot().last_error.is_none());
+
+        // Unsaved again, and this time another program logs in before the retry.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let again = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        h.chmod(0o640);
+        reply.send(Ok(tokens(2, 3600))).unwrap();
+        again.await.unwrap().unwrap();
+        h.chmod(0o600);
+        h.source.write(&tokens(9, 3600), Allow::Any).unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        // The conflict is resolved by adopting the other login, not by calling it written.
+        assert_eq!(h.on_disk().refresh, tokens(9, 0).refresh);
+        assert_eq!(access(&h.token().await), "access-9");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_answer_is_kept_and_not_refreshed_again() {
+        let mut h = start(&tokens(0, 3600), 3);
+        let forced = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        // The caller gives up after 3 s...
+        let got = forced.await.unwrap();
+        assert!(access(&got).contains("still awaited"), "{}", access(&got));
+        // ...while the endpoint, which has rotated, answers at 5 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(access(&h.token().await), "access-1");
+        assert_eq!(h.on_disk().refresh, tokens(1, 0).refresh);
+        assert_eq!(h.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_second_call_while_a_late_answer_is_awaited() {
+        let mut h = start(&tokens(0, 3600), 3);
+        let forced = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        forced.await.unwrap().unwrap_err();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let again = h.forced().await;
+        assert!(again.is_err());
+        assert_eq!(h.calls(), 1, "R0 is not presented twice");
+        // The background wait is bounded too.
+        drop(reply);
+        tokio::time::sleep(late_limit(Duration::from_secs(3))).await;
+        assert_eq!(access(&h.token().await), "access-0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_login_serves_its_access_token_until_expiry() {
+        let mut h = start(&tokens(0, 250), 30);
+        let (_, reply) = h.next_call().await;
+        reply
+            .send(Err(RefreshError::Dead("invalid_grant".into())))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.handle.snapshot().state, ProfileState::NeedsLogin);
+        assert_eq!(access(&h.token().await), "access-0");
+        let long = h.handle.token(3600, Force::No).await;
+        assert_eq!(long.unwrap_err().kind(), ErrorKind::NeedsLogin);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(h.calls(), 1, "no more calls on a dead refresh token");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_refreshes_are_rate_limited_while_the_token_is_valid() {
+        let mut h = start(&tokens(0, 3600), 30);
+        let first = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        first.await.unwrap().unwrap();
+        // (The paused clock stands still; a real caller always asks after the end.)
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for _ in 0..20 {
+            let e = h.forced().await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::RateLimited);
+        }
+        assert_eq!(h.calls(), 1);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let next = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        reply.send(Ok(tokens(2, 3600))).unwrap();
+        assert_eq!(access(&next.await.unwrap()), "access-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconfigure_during_a_refresh_does_not_start_a_second_one() {
+        let mut h = start(&tokens(0, 3600), 30);
+        let forced = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        h.handle.reconfigure(settings(h.endpoint.clone(), 10));
+        h.handle.source_changed();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(h.calls(), 1);
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        assert_eq!(access(&forced.await.unwrap()), "access-1");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_task_waits_for_its_predecessor_on_the_same_file() {
+        let mut h = start(&tokens(0, 3600), 30);
+        let forced = tokio::spawn(h.forced());
+        let (_, reply) = h.next_call().await;
+        // A reload dropped and re-added the profile while the refresh is out.
+        let successor = LoginHandle::spawn(LoginSpec {
+            profile: "work".into(),
+            source: h.source.clone(),
+            settings: settings(h.endpoint.clone(), 30),
+            events: h.bus.clone(),
+        });
+        h.handle.retire();
+        let asked = {
+            let s = successor.clone();
+            tokio::spawn(async move { s.token(3600 * 2, Force::No).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.calls(), 1, "the successor does not refresh R0 alongside");
+        reply.send(Ok(tokens(1, 7200))).unwrap();
+        assert_eq!(access(&forced.await.unwrap()), "access-1");
+        // The successor starts from the file its predecessor wrote.
+        assert_eq!(access(&asked.await.unwrap()), "access-1");
+        assert_eq!(h.calls(), 1);
+    }
+
+    #[test]
+    fn a_crash_between_write_and_rename_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source::Bundle(BundleFile {
+            path: dir.path().join("work.json"),
+        });
+        source.write(&tokens(0, 3600), Allow::Any).unwrap();
+        // What a kill after the temp file was filled leaves behind.
+        let mut w = source.prepare(tokens(0, 0).refresh.as_ref()).unwrap();
+        let mut next = tokens(1, 3600);
+        next.scopes = vec!["a".into()];
+        let bytes = crate::credentials::bundle::render(
+            serde_json::Map::new(),
+            &next,
+        );
+        w.fill(&bytes).unwrap();
+        std::mem::forget(w);
+        // And an empty one from a kill right after prepare, and one for an older state.
+        std::mem::forget(source.prepare(tokens(0, 0).refresh.as_ref()).unwrap());
+        let mut old = source.prepare(Some(&Secret::new("refresh-older"))).unwrap();
+        old.fill(&crate::credentials::bundle::render(serde_json::Map::new(), &tokens(5, 3600)))
+            .unwrap();
+        std::mem::forget(old);
+        assert_eq!(crate::fsutil::leftovers(&source.path()).len(), 3);
+        assert!(source.recover_leftovers().unwrap());
+        assert_eq!(source.read().unwrap().unwrap().refresh, next.refresh);
+        assert!(crate::fsutil::leftovers(&source.path()).is_empty(), "no secret-bearing temp file left");
+        assert_eq!(crate::fsutil::mode_of(&source.path()), Some(0o600));
+    }
+}

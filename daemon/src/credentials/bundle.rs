@@ -89,7 +89,7 @@ impl BundleFile {
 }
 
 /// The bundle `obj` with `tokens` put in, as the bytes of the file.
-pub(super) fn render(mut obj: JsonObject, tokens: &Tokens) -> Vec<u8> {
+pub(crate) fn render(mut obj: JsonObject, tokens: &Tokens) -> Vec<u8> {
     obj.insert(
         "access_token".into(),
         Value::String(tokens.access.expose().into()),
