@@ -30,6 +30,8 @@ pub enum Mode {
     Hang,
     /// 400 `invalid_grant` for everything.
     Revoked,
+    /// 429 with `retry-after: 30`.
+    TooMany,
 }
 
 /// What the endpoint knows and counts.
@@ -55,6 +57,11 @@ pub struct Inner {
     pub codes: HashMap<String, ()>,
     /// Every request body, parsed (JSON or form as an object), with the user-agent.
     pub requests: Vec<(Value, String)>,
+    /// Delay after a refresh was decided (the login already rotated) and before the answer
+    /// is sent: an authority that is slow to answer, not slow to rotate.
+    pub answer_delay: Duration,
+    /// Woken each time a refresh answer leaves the handler.
+    pub answered: Arc<tokio::sync::Notify>,
 }
 
 /// A running fake token endpoint.
@@ -90,6 +97,8 @@ impl FakeOAuth {
             invalid_grants: 0,
             codes: HashMap::new(),
             requests: Vec::new(),
+            answer_delay: Duration::ZERO,
+            answered: Arc::new(tokio::sync::Notify::new()),
         }));
         let app = Router::new()
             .route("/v1/oauth/token", post(token_json))
@@ -228,8 +237,16 @@ async fn answer(
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return StatusCode::GATEWAY_TIMEOUT.into_response();
     }
-    let mut s = inner.lock().unwrap_or_else(|p| p.into_inner());
-    decide(&mut s, &body, mode, lifetime_field)
+    let (resp, answer_delay, answered) = {
+        let mut s = inner.lock().unwrap_or_else(|p| p.into_inner());
+        let resp = decide(&mut s, &body, mode, lifetime_field);
+        (resp, s.answer_delay, s.answered.clone())
+    };
+    if !answer_delay.is_zero() {
+        tokio::time::sleep(answer_delay).await;
+    }
+    answered.notify_waiters();
+    resp
 }
 
 fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Response {
@@ -260,6 +277,14 @@ fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Resp
         Mode::Revoked => {
             s.invalid_grants += 1;
             return invalid_grant();
+        }
+        Mode::TooMany => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "30")],
+                axum::Json(json!({"error": "rate_limited"})),
+            )
+                .into_response()
         }
         Mode::Normal | Mode::Hang => {}
     }
