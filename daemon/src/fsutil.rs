@@ -120,6 +120,8 @@ pub struct PreparedWrite {
     target: PathBuf,
     dir: PathBuf,
     committed: bool,
+    /// Length of what was written so far.
+    filled_len: u64,
 }
 
 impl PreparedWrite {
@@ -152,6 +154,7 @@ impl PreparedWrite {
             target,
             dir,
             committed: false,
+            filled_len: 0,
         };
         if reserve > 0 {
             w.reserve(reserve)?;
@@ -162,17 +165,29 @@ impl PreparedWrite {
     fn reserve(&mut self, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let Some(f) = &self.file else { return Ok(()) };
+        // KEEP_SIZE: the blocks are reserved but the file stays empty, so the fill after a
+        // refresh is one write with no truncation on the way.
         // SAFETY: the descriptor is open for writing for the duration of the call.
-        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };
-        match rc {
-            0 => Ok(()),
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
             // File systems without fallocate: write zeros, which allocates as well.
-            libc::EOPNOTSUPP | libc::EINVAL => {
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
                 let mut f = f;
                 f.write_all(&vec![0u8; len as usize])?;
                 f.set_len(0)
             }
-            e => Err(io::Error::from_raw_os_error(e)),
+            _ => Err(e),
         }
     }
 
@@ -189,7 +204,11 @@ impl PreparedWrite {
         };
         f.seek(SeekFrom::Start(0))?;
         f.write_all(contents)?;
-        f.set_len(contents.len() as u64)
+        if self.filled_len > contents.len() as u64 {
+            f.set_len(contents.len() as u64)?;
+        }
+        self.filled_len = contents.len() as u64;
+        Ok(())
     }
 
     /// fsync, rename over the target, fsync the folder.
@@ -373,8 +392,13 @@ mod tests {
         ));
         let big = dir.path().join("big");
         fs::write(&big, vec![b' '; MAX_SECRET_FILE as usize + 1]).unwrap();
-        assert!(matches!(read_regular_capped(&big), Err(ReadError::TooLarge(_))));
-        assert!(read_regular_capped(&dir.path().join("none")).unwrap().is_none());
+        assert!(matches!(
+            read_regular_capped(&big),
+            Err(ReadError::TooLarge(_))
+        ));
+        assert!(read_regular_capped(&dir.path().join("none"))
+            .unwrap()
+            .is_none());
         fs::write(&big, b"{}").unwrap();
         assert_eq!(read_regular_capped(&big).unwrap().unwrap(), b"{}");
     }
@@ -389,7 +413,10 @@ mod tests {
         w.fill(b"new").unwrap();
         let left = leftovers(&p);
         assert_eq!(left.len(), 1);
-        assert_eq!((left[0].pid, left[0].tag.as_str()), (std::process::id(), "abc"));
+        assert_eq!(
+            (left[0].pid, left[0].tag.as_str()),
+            (std::process::id(), "abc")
+        );
         assert_eq!(fs::read(&left[0].path).unwrap(), b"new");
         assert_eq!(mode_of(&left[0].path), Some(0o600));
         w.commit().unwrap();

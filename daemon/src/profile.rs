@@ -312,8 +312,13 @@ pub struct LoginKey {
 
 impl PartialEq for LoginKey {
     fn eq(&self, o: &Self) -> bool {
-        (&self.source, &self.upstream, &self.locks, self.margin, self.timeout)
-            == (&o.source, &o.upstream, &o.locks, o.margin, o.timeout)
+        (
+            &self.source,
+            &self.upstream,
+            &self.locks,
+            self.margin,
+            self.timeout,
+        ) == (&o.source, &o.upstream, &o.locks, o.margin, o.timeout)
     }
 }
 
@@ -389,9 +394,10 @@ fn login_source(
             let dir = config::claude_dir(cfg);
             // Named after the folder, so every profile on one Claude Code folder notes its
             // held locks in the same place.
-            let record = state_dir
-                .join("claude-locks")
-                .join(format!("{}.json", credentials::tag_of(Some(&Secret::new(dir.to_string_lossy())))));
+            let record = state_dir.join("claude-locks").join(format!(
+                "{}.json",
+                credentials::tag_of(Some(&Secret::new(dir.to_string_lossy())))
+            ));
             let locks = ClaudeLocks::for_dir(&dir, CLAUDE_LOCK_WAIT).with_record(record);
             (
                 Source::ClaudeCli(CredentialsFile::in_dir(&dir)),

@@ -20,8 +20,7 @@
 //!   and the rename is repaired at the next start ([`Source::recover_leftovers`]).
 
 use crate::credentials::claude_lock::{ClaudeLocks, LockError, LockGuard};
-use crate::credentials::{unix_now, Allow, CasOutcome, FileError, Source, Tokens};
-use crate::fsutil::PreparedWrite;
+use crate::credentials::{unix_now, Allow, CasOutcome, FileError, Prepared, Source, Tokens};
 use crate::oauth::{RefreshError, TokenEndpoint, TOKEN_ENDPOINT_HARD_LIMIT};
 use crate::secret::Secret;
 use llmd_proto::methods::{event_kinds, Event, ProfileState};
@@ -343,15 +342,19 @@ impl LoginHandle {
     }
 }
 
-/// What the token endpoint answered, and when its answer was complete.
-type Answer = (Result<Tokens, RefreshError>, Instant);
+/// What the token endpoint answered, when its answer was complete, and the prepared write,
+/// already filled with the new tokens when there are some.
+struct Answer {
+    result: Result<Tokens, RefreshError>,
+    answered: Instant,
+    prepared: Option<Prepared>,
+}
 
 /// A refresh whose answer came too late for its caller: still read to its end, and its
-/// tokens kept, with the prepared write and Claude Code's locks held until then.
+/// tokens kept, with Claude Code's locks held until then.
 struct LateRefresh {
     call: JoinHandle<Answer>,
     current: Tokens,
-    prepared: PreparedWrite,
     _guard: Option<LockGuard>,
 }
 
@@ -744,7 +747,7 @@ impl LoginTask {
     async fn write(
         &self,
         tokens: &Tokens,
-        prepared: Option<PreparedWrite>,
+        prepared: Option<Prepared>,
         any: bool,
     ) -> Result<CasOutcome, FileError> {
         let source = self.source.clone();
@@ -913,6 +916,7 @@ impl LoginTask {
         let call = self.settings.endpoint.refresh(&current);
         let limit = late_limit(self.settings.timeout);
         let mut call = tokio::spawn(async move {
+            let mut prepared = prepared;
             let result = match tokio::time::timeout(limit, call).await {
                 Ok(r) => r,
                 Err(_) => Err(RefreshError::transient(format!(
@@ -920,14 +924,24 @@ impl LoginTask {
                     limit.as_secs()
                 ))),
             };
-            (result, Instant::now())
+            let answered = Instant::now();
+            // Into the temp file right here, in the task that read the answer: a write of a
+            // few hundred bytes to the page cache, which from then on survives a kill.
+            // The fsync and rename follow in the login task.
+            if let Ok(new) = &result {
+                let _ = prepared.fill(new);
+            }
+            Answer {
+                result,
+                answered,
+                prepared: Some(prepared),
+            }
         });
         let answer = match tokio::time::timeout(self.settings.timeout, &mut call).await {
-            Ok(joined) => joined.unwrap_or_else(|e| {
-                (
-                    Err(RefreshError::transient(format!("refresh task failed: {e}"))),
-                    Instant::now(),
-                )
+            Ok(joined) => joined.unwrap_or_else(|e| Answer {
+                result: Err(RefreshError::transient(format!("refresh task failed: {e}"))),
+                answered: Instant::now(),
+                prepared: None,
             }),
             Err(_) => {
                 let secs = self.settings.timeout.as_secs();
@@ -935,7 +949,6 @@ impl LoginTask {
                 self.late = Some(LateRefresh {
                     call,
                     current,
-                    prepared,
                     _guard: guard,
                 });
                 return Err(RefreshError::transient(format!(
@@ -943,7 +956,7 @@ impl LoginTask {
                 )));
             }
         };
-        let result = self.finish(current, prepared, answer).await;
+        let result = self.finish(current, answer).await;
         drop(guard);
         result
     }
@@ -952,18 +965,18 @@ impl LoginTask {
     async fn finish_late(&mut self, answer: Answer) {
         let Some(late) = self.late.take() else { return };
         tracing::info!(profile = %self.profile, "the token endpoint answered a refresh late");
-        let outcome = self.finish(late.current, late.prepared, answer).await;
+        let outcome = self.finish(late.current, answer).await;
         drop(late._guard);
         self.settle(outcome);
     }
 
     /// Saves and adopts what the token endpoint answered for `current`.
-    async fn finish(
-        &mut self,
-        current: Tokens,
-        prepared: PreparedWrite,
-        (result, answered): Answer,
-    ) -> Result<(), RefreshError> {
+    async fn finish(&mut self, current: Tokens, answer: Answer) -> Result<(), RefreshError> {
+        let Answer {
+            result,
+            answered,
+            prepared,
+        } = answer;
         let new = match result {
             Ok(t) => t,
             Err(RefreshError::Dead(why)) => {
@@ -995,9 +1008,11 @@ impl LoginTask {
         }
         // Persist before anyone sees the new token: a crash now must not lose the only
         // copy of a rotated refresh token.
-        match self.write(&new, Some(prepared), false).await {
+        match self.write(&new, prepared, false).await {
             Ok(CasOutcome::Written { filled }) => {
-                let in_memory_us = filled.saturating_duration_since(answered.into_std()).as_micros() as u64;
+                let in_memory_us = filled
+                    .saturating_duration_since(answered.into_std())
+                    .as_micros() as u64;
                 tracing::info!(profile = %self.profile, expires_at = new.expires_at, in_memory_us, "refreshed");
             }
             Ok(CasOutcome::Conflict(on_disk)) => {
@@ -1072,10 +1087,11 @@ async fn poll_late(late: &mut Option<LateRefresh>) -> Answer {
     match late {
         Some(l) => match (&mut l.call).await {
             Ok(answer) => answer,
-            Err(e) => (
-                Err(RefreshError::transient(format!("refresh task failed: {e}"))),
-                Instant::now(),
-            ),
+            Err(e) => Answer {
+                result: Err(RefreshError::transient(format!("refresh task failed: {e}"))),
+                answered: Instant::now(),
+                prepared: None,
+            },
         },
         None => std::future::pending().await,
     }
@@ -1197,7 +1213,9 @@ mod tests {
             async move { h.token(0, Force::No).await }
         }
 
-        fn forced(&self) -> impl Future<Output = Result<(Secret, Option<i64>), RpcError>> + 'static {
+        fn forced(
+            &self,
+        ) -> impl Future<Output = Result<(Secret, Option<i64>), RpcError>> + 'static {
             let h = self.handle.clone();
             async move { h.token(0, Force::Always).await }
         }
@@ -1280,7 +1298,11 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_secs(39)).await;
         assert_eq!(h.calls(), 1, "no retry before retry-after");
-        assert_eq!(access(&h.token().await), "access-0", "old token still served");
+        assert_eq!(
+            access(&h.token().await),
+            "access-0",
+            "old token still served"
+        );
         let (_, reply) = h.next_call().await;
         assert!(Instant::now() >= Instant::now() - Duration::from_secs(1));
         reply.send(Ok(tokens(1, 3600))).unwrap();
@@ -1294,7 +1316,11 @@ mod tests {
         let h = start(&tokens(0, 3600), 30);
         h.chmod(0o640);
         let got = h.forced().await;
-        assert!(access(&got).contains("could not be saved"), "{}", access(&got));
+        assert!(
+            access(&got).contains("could not be saved"),
+            "{}",
+            access(&got)
+        );
         assert_eq!(h.calls(), 0, "the refresh token was not spent");
         h.chmod(0o600);
         assert_eq!(h.on_disk().refresh, tokens(0, 0).refresh);
@@ -1310,7 +1336,11 @@ mod tests {
         let (_, reply) = h.next_call().await;
         h.chmod(0o640);
         reply.send(Ok(tokens(1, 3600))).unwrap();
-        assert_eq!(access(&first.await.unwrap()), "access-1", "served from memory");
+        assert_eq!(
+            access(&first.await.unwrap()),
+            "access-1",
+            "served from memory"
+        );
         let snap = h.handle.snapshot().clone();
         assert!(snap.last_error.unwrap().contains("not saved yet"));
         // The disk heals; the file still holds R0, which llmd itself spent.
@@ -1323,7 +1353,11 @@ mod tests {
         // (the retry may have written R1 by now; either way R0 is gone)
         let second = tokio::spawn(h.forced());
         let (current, reply) = h.next_call().await;
-        assert_eq!(current.refresh, tokens(1, 0).refresh, "refreshes with R1, not R0");
+        assert_eq!(
+            current.refresh,
+            tokens(1, 0).refresh,
+            "refreshes with R1, not R0"
+        );
         reply.send(Ok(tokens(2, 3600))).unwrap();
         assert_eq!(access(&second.await.unwrap()), "access-2");
         assert_eq!(h.on_disk().refresh, tokens(2, 0).refresh);
@@ -1481,22 +1515,20 @@ mod tests {
         let mut w = source.prepare(tokens(0, 0).refresh.as_ref()).unwrap();
         let mut next = tokens(1, 3600);
         next.scopes = vec!["a".into()];
-        let bytes = crate::credentials::bundle::render(
-            serde_json::Map::new(),
-            &next,
-        );
-        w.fill(&bytes).unwrap();
+        w.fill(&next).unwrap();
         std::mem::forget(w);
         // And an empty one from a kill right after prepare, and one for an older state.
         std::mem::forget(source.prepare(tokens(0, 0).refresh.as_ref()).unwrap());
         let mut old = source.prepare(Some(&Secret::new("refresh-older"))).unwrap();
-        old.fill(&crate::credentials::bundle::render(serde_json::Map::new(), &tokens(5, 3600)))
-            .unwrap();
+        old.fill(&tokens(5, 3600)).unwrap();
         std::mem::forget(old);
         assert_eq!(crate::fsutil::leftovers(&source.path()).len(), 3);
         assert!(source.recover_leftovers().unwrap());
         assert_eq!(source.read().unwrap().unwrap().refresh, next.refresh);
-        assert!(crate::fsutil::leftovers(&source.path()).is_empty(), "no secret-bearing temp file left");
+        assert!(
+            crate::fsutil::leftovers(&source.path()).is_empty(),
+            "no secret-bearing temp file left"
+        );
         assert_eq!(crate::fsutil::mode_of(&source.path()), Some(0o600));
     }
 }

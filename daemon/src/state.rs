@@ -148,7 +148,10 @@ impl Daemon {
             }
             last = now;
         }
-        if last.as_deref().is_some_and(|b| b.iter().all(u8::is_ascii_whitespace)) {
+        if last
+            .as_deref()
+            .is_some_and(|b| b.iter().all(u8::is_ascii_whitespace))
+        {
             return Err(format!(
                 "{} is empty (being written?); keeping the running configuration",
                 path.display()

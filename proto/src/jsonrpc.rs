@@ -65,6 +65,9 @@ impl Request {
     /// Parses one line. The error is ready to send back: `parse_error` for bytes that are
     /// not JSON, `invalid_request` for JSON that is not a request (with the id if one
     /// could be read).
+    // The error is rare and goes straight back to the client; boxing it would cost every
+    // caller a pattern change for nothing on the hot path.
+    #[allow(clippy::result_large_err)]
     pub fn parse(line: &[u8]) -> Result<Request, (Option<Id>, RpcError)> {
         match serde_json::from_slice::<Request>(line) {
             Ok(req) => Ok(req),

@@ -61,7 +61,13 @@ fn chmod(path: &Path, mode: u32) {
 fn small_tmpfs(dir: &Path, kib: u32) -> Option<Unmount> {
     std::fs::create_dir_all(dir).unwrap();
     let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={kib}k,mode=700"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={kib}k,mode=700"),
+            "tmpfs",
+        ])
         .arg(dir)
         .status()
         .is_ok_and(|s| s.success());
@@ -116,7 +122,13 @@ impl RestartCheck for Daemon {
     /// The file holds a live login: what a restart would see works.
     async fn restart_check(&self, c: &llmd_client::Client) {
         let s = c.status().await.unwrap();
-        assert!(s.profiles.iter().all(|p| p.state != ProfileState::NeedsLogin), "{:?}", s.profiles);
+        assert!(
+            s.profiles
+                .iter()
+                .all(|p| p.state != ProfileState::NeedsLogin),
+            "{:?}",
+            s.profiles
+        );
     }
 }
 
@@ -127,7 +139,9 @@ async fn a_full_disk_never_costs_the_login() {
         .config(&(daemon_section("") + &oauth_profile(&fake, "work", "{home}/small/work.json")))
         .start();
     let small = d.home.join("small");
-    let Some(_mount) = small_tmpfs(&small, 64) else { return };
+    let Some(_mount) = small_tmpfs(&small, 64) else {
+        return;
+    };
     let path = small.join("work.json");
     std::fs::write(&path, bundle(0, now() + 3600)).unwrap();
     chmod(&path, 0o600);
@@ -136,7 +150,10 @@ async fn a_full_disk_never_costs_the_login() {
     fill(&small);
     for _ in 0..3 {
         let e = c.refresh("work").await.unwrap_err();
-        assert!(e.rpc().unwrap().message.contains("could not be saved"), "{e}");
+        assert!(
+            e.rpc().unwrap().message.contains("could not be saved"),
+            "{e}"
+        );
     }
     assert_eq!(fake.refresh_calls(), 0);
     // The disk heals: the next refresh rotates and the file holds the live pair.
@@ -163,12 +180,23 @@ async fn a_read_only_claude_folder_is_not_refreshed() {
         );
     let d = Daemon::builder()
         .config(&config)
-        .file("claude-src/.credentials.json", &claude_creds(0, now() + 3600), 0o600)
+        .file(
+            "claude-src/.credentials.json",
+            &claude_creds(0, now() + 3600),
+            0o600,
+        )
         .start();
     let ro = d.home.join("claude-ro");
     std::fs::create_dir_all(&ro).unwrap();
-    let bind = Command::new("mount").arg("--bind").arg(d.home.join("claude-src")).arg(&ro).status();
-    let remount = Command::new("mount").args(["-o", "remount,ro,bind"]).arg(&ro).status();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(d.home.join("claude-src"))
+        .arg(&ro)
+        .status();
+    let remount = Command::new("mount")
+        .args(["-o", "remount,ro,bind"])
+        .arg(&ro)
+        .status();
     if !(bind.is_ok_and(|s| s.success()) && remount.is_ok_and(|s| s.success())) {
         eprintln!("SKIPPED: cannot make a read-only bind mount here (needs root)");
         return;
@@ -179,7 +207,11 @@ async fn a_read_only_claude_folder_is_not_refreshed() {
     assert_eq!(c.token("claude", None).await.unwrap().token, access_of(0));
     let e = c.refresh("claude").await.unwrap_err();
     assert_eq!(e.rpc().unwrap().kind(), ErrorKind::RefreshFailed, "{e}");
-    assert_eq!(fake.refresh_calls(), 0, "Claude Code's refresh token was not spent");
+    assert_eq!(
+        fake.refresh_calls(),
+        0,
+        "Claude Code's refresh token was not spent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +225,16 @@ async fn an_answer_after_the_timeout_is_kept() {
     let c = d.client().await;
     let e = c.refresh("work").await.unwrap_err();
     assert_eq!(e.rpc().unwrap().kind(), ErrorKind::RefreshFailed);
-    assert_eq!(fake.generation(), 1, "the authority rotated before answering");
-    wait_for("the late answer to be written", Duration::from_secs(10), || {
-        file_refresh(&d.home.join("work.json")).as_deref() == Some(refresh_of(1).as_str())
-    })
+    assert_eq!(
+        fake.generation(),
+        1,
+        "the authority rotated before answering"
+    );
+    wait_for(
+        "the late answer to be written",
+        Duration::from_secs(10),
+        || file_refresh(&d.home.join("work.json")).as_deref() == Some(refresh_of(1).as_str()),
+    )
     .await;
     assert_eq!(c.token("work", None).await.unwrap().token, access_of(1));
     fake.state().answer_delay = Duration::ZERO;
@@ -214,7 +252,10 @@ async fn the_token_endpoints_retry_after_is_honoured() {
         .file("work.json", &bundle(0, now() + 30), 0o600)
         .start();
     let c = d.client().await;
-    wait_for("the first attempt", Duration::from_secs(5), || fake.refresh_calls() >= 1).await;
+    wait_for("the first attempt", Duration::from_secs(5), || {
+        fake.refresh_calls() >= 1
+    })
+    .await;
     // Without retry-after the backoff would have retried within about 1.2 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(fake.refresh_calls(), 1);
@@ -239,15 +280,19 @@ async fn reloads_during_a_refresh_never_start_a_second_one() {
         .file("work.json", &bundle(0, now() + 3600), 0o600)
         .start();
     let cfg = d.home.join("config/llmd/config.toml");
-    let write = |text: &str| std::fs::write(&cfg, text.replace("{home}", &d.home.to_string_lossy())).unwrap();
+    let write = |text: &str| {
+        std::fs::write(&cfg, text.replace("{home}", &d.home.to_string_lossy())).unwrap()
+    };
     let c = d.client().await;
     let refreshing = {
         let c = c.clone();
         tokio::spawn(async move { c.refresh("work").await })
     };
-    wait_for("the refresh to reach the endpoint", Duration::from_secs(5), || {
-        !fake.state().requests.is_empty()
-    })
+    wait_for(
+        "the refresh to reach the endpoint",
+        Duration::from_secs(5),
+        || !fake.state().requests.is_empty(),
+    )
     .await;
     // Another client id, then the profile dropped and added again, all while R0 is out.
     write(&with("two"));
@@ -261,8 +306,14 @@ async fn reloads_during_a_refresh_never_start_a_second_one() {
     assert!(again.is_ok() || again.is_err());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(fake.invalid_grants(), 0, "R0 was presented once");
-    assert_eq!(c.token("work", None).await.unwrap().token, access_of(fake.generation()));
-    assert_eq!(file_refresh(&d.home.join("work.json")).as_deref(), Some(refresh_of(fake.generation()).as_str()));
+    assert_eq!(
+        c.token("work", None).await.unwrap().token,
+        access_of(fake.generation())
+    );
+    assert_eq!(
+        file_refresh(&d.home.join("work.json")).as_deref(),
+        Some(refresh_of(fake.generation()).as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,11 +347,17 @@ async fn a_reloaded_margin_reaches_the_running_login() {
     assert_eq!(fake.refresh_calls(), 0, "200 s left, 60 s margin");
     std::fs::write(
         d.home.join("config/llmd/config.toml"),
-        format!("[daemon]\nrefresh_margin_secs = 300\n{profile}").replace("{home}", &d.home.to_string_lossy()),
+        format!("[daemon]\nrefresh_margin_secs = 300\n{profile}")
+            .replace("{home}", &d.home.to_string_lossy()),
     )
     .unwrap();
     c.reload().await.unwrap();
-    wait_for("a refresh under the new margin", Duration::from_secs(10), || fake.generation() == 1).await;
+    wait_for(
+        "a refresh under the new margin",
+        Duration::from_secs(10),
+        || fake.generation() == 1,
+    )
+    .await;
 }
 
 fn claude_config(fake: &FakeOAuth, dir: &str) -> String {
@@ -324,7 +381,11 @@ async fn a_claude_folder_removed_and_made_again_is_still_watched() {
     let fake = FakeOAuth::start(3600).await;
     let d = Daemon::builder()
         .config(&claude_config(&fake, "{home}/.claude"))
-        .file(".claude/.credentials.json", &claude_creds(0, now() + 3600), 0o600)
+        .file(
+            ".claude/.credentials.json",
+            &claude_creds(0, now() + 3600),
+            0o600,
+        )
         .start();
     let c = d.client().await;
     assert_eq!(c.token("claude", None).await.unwrap().token, access_of(0));
@@ -333,17 +394,26 @@ async fn a_claude_folder_removed_and_made_again_is_still_watched() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::create_dir(&dir).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    replace(&dir.join(".credentials.json"), &claude_creds(5, now() + 3600));
+    replace(
+        &dir.join(".credentials.json"),
+        &claude_creds(5, now() + 3600),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if c.token("claude", None).await.map(|t| t.token).ok() == Some(access_of(5)) {
             break;
         }
-        assert!(Instant::now() < deadline, "the new login was not picked up without a reload");
+        assert!(
+            Instant::now() < deadline,
+            "the new login was not picked up without a reload"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And later renames too.
-    replace(&dir.join(".credentials.json"), &claude_creds(6, now() + 3600));
+    replace(
+        &dir.join(".credentials.json"),
+        &claude_creds(6, now() + 3600),
+    );
     wait_tok(&c, "claude", &access_of(6)).await;
     assert_eq!(fake.refresh_calls(), 0);
 }
@@ -428,17 +498,26 @@ async fn fifo_and_dev_zero_login_files_neither_freeze_nor_bloat_the_daemon() {
     std::os::unix::fs::symlink("/dev/zero", d.home.join("three.json")).unwrap();
     let c = d.client().await;
     let deadline = Duration::from_secs(5);
-    let _ = tokio::time::timeout(deadline, c.reload()).await.expect("reload answers");
+    let _ = tokio::time::timeout(deadline, c.reload())
+        .await
+        .expect("reload answers");
     for p in ["one", "two", "three"] {
-        let _ = tokio::time::timeout(deadline, c.token(p, Some(7200))).await.expect("token answers");
+        let _ = tokio::time::timeout(deadline, c.token(p, Some(7200)))
+            .await
+            .expect("token answers");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let s = tokio::time::timeout(deadline, c.status()).await.expect("status answers").unwrap();
+    let s = tokio::time::timeout(deadline, c.status())
+        .await
+        .expect("status answers")
+        .unwrap();
     for p in s.profiles.iter().filter(|p| p.name != "key") {
         let err = p.last_error.clone().unwrap_or_default();
         assert!(err.contains("not a regular file"), "{}: {err}", p.name);
     }
-    let k = tokio::time::timeout(deadline, c.token("key", None)).await.expect("api key answers");
+    let k = tokio::time::timeout(deadline, c.token("key", None))
+        .await
+        .expect("api key answers");
     assert_eq!(k.unwrap().token, "sk-k");
     let rss = rss_kib(d.pid().unwrap());
     assert!(rss < 200 * 1024, "RSS {rss} KiB");

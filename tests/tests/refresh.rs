@@ -544,7 +544,11 @@ async fn forced_refreshes_join_the_one_in_flight() {
     for _ in 0..50 {
         let _ = c.refresh("work").await;
     }
-    assert_eq!(fake.refresh_calls(), 1, "a refresh loop rotates the login once");
+    assert_eq!(
+        fake.refresh_calls(),
+        1,
+        "a refresh loop rotates the login once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ impl BundleFile {
     }
 
     /// The tokens (or `None` without an `access_token`), the object and the file size.
-    pub(super) fn read_parsed(&self) -> Result<Option<(Option<Tokens>, JsonObject, u64)>, FileError> {
+    pub(super) fn read_parsed(&self) -> Result<Option<super::Parsed>, FileError> {
         let p = &self.path;
         let Some((obj, len)) = super::read_json_object(p)? else {
             return Ok(None);

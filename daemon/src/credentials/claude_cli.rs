@@ -31,7 +31,7 @@ impl CredentialsFile {
     }
 
     /// The tokens (if any), the whole object and the file size.
-    pub(super) fn read_parsed(&self) -> Result<Option<(Option<Tokens>, Map<String, Value>, u64)>, FileError> {
+    pub(super) fn read_parsed(&self) -> Result<Option<super::Parsed>, FileError> {
         let Some((root, len)) = super::read_json_object(&self.path)? else {
             return Ok(None);
         };

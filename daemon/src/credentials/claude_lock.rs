@@ -148,7 +148,9 @@ impl ClaudeLocks {
         let mut removed = 0;
         // Release in reverse order, as a live holder would.
         for held in record.locks.iter().rev() {
-            if identity(&held.path).as_ref() == Some(held) && std::fs::remove_dir(&held.path).is_ok() {
+            if identity(&held.path).as_ref() == Some(held)
+                && std::fs::remove_dir(&held.path).is_ok()
+            {
                 tracing::info!(lock = %held.path.display(), "removed a Claude Code lock left by an earlier llmd");
                 removed += 1;
             }
@@ -356,13 +358,18 @@ mod tests {
         let dir = home.path().join(".claude");
         std::fs::create_dir(&dir).unwrap();
         let record = home.path().join("state").join("held.json");
-        let locks = ClaudeLocks::for_dir(&dir, Duration::from_millis(200)).with_record(record.clone());
+        let locks =
+            ClaudeLocks::for_dir(&dir, Duration::from_millis(200)).with_record(record.clone());
         let g = locks.acquire().await.unwrap();
         assert!(record.is_file());
         // A crash: the guard never runs, and the record names a dead process.
         std::mem::forget(g);
         let text = std::fs::read_to_string(&record).unwrap();
-        let dead = text.replacen(&format!("\"pid\":{}", std::process::id()), "\"pid\":999999999", 1);
+        let dead = text.replacen(
+            &format!("\"pid\":{}", std::process::id()),
+            "\"pid\":999999999",
+            1,
+        );
         std::fs::write(&record, dead).unwrap();
         assert_eq!(locks.reclaim_own(), 2);
         assert!(!dir.join(".oauth_refresh.lock").exists());
@@ -373,7 +380,15 @@ mod tests {
         let g = locks.acquire().await.unwrap();
         std::mem::forget(g);
         let text = std::fs::read_to_string(&record).unwrap();
-        std::fs::write(&record, text.replacen(&format!("\"pid\":{}", std::process::id()), "\"pid\":999999999", 1)).unwrap();
+        std::fs::write(
+            &record,
+            text.replacen(
+                &format!("\"pid\":{}", std::process::id()),
+                "\"pid\":999999999",
+                1,
+            ),
+        )
+        .unwrap();
         for p in locks.paths().iter().rev() {
             std::fs::remove_dir(p).unwrap();
         }
@@ -383,7 +398,10 @@ mod tests {
         let recorded: Record = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
         if recorded.locks[0] != same {
             assert_eq!(locks.reclaim_own(), 0);
-            assert!(dir.join(".oauth_refresh.lock").exists(), "Claude Code's lock stays");
+            assert!(
+                dir.join(".oauth_refresh.lock").exists(),
+                "Claude Code's lock stays"
+            );
         }
     }
 

@@ -134,8 +134,38 @@ pub enum Allow<'a> {
     Own(&'a [Secret]),
 }
 
-/// A login file parsed whole: its tokens (if any) and the JSON object they came from.
-type Parsed = (Option<Tokens>, Map<String, Value>, u64);
+/// A replacement of a login file made ready before a refresh: the temp file, and the
+/// file's object the new tokens go into.
+#[derive(Debug)]
+pub struct Prepared {
+    write: PreparedWrite,
+    base: Map<String, Value>,
+    claude: bool,
+    filled: Option<Instant>,
+}
+
+impl Prepared {
+    /// Writes `new` into the temp file at once, so that from now on a kill of the process
+    /// cannot lose them (a restarted llmd recovers the temp file). Returns when.
+    pub fn fill(&mut self, new: &Tokens) -> std::io::Result<Instant> {
+        let bytes = if self.claude {
+            claude_cli::render(self.base.clone(), new)
+        } else {
+            bundle::render(self.base.clone(), new)
+        };
+        self.write.fill(&bytes)?;
+        let at = Instant::now();
+        self.filled = Some(at);
+        Ok(at)
+    }
+}
+
+/// A login file parsed whole: its tokens (if any), the JSON object they came from, and the
+/// file's size.
+pub(crate) type Parsed = (Option<Tokens>, Map<String, Value>, u64);
+
+/// A JSON object file and its size.
+type ObjectFile = (Map<String, Value>, u64);
 
 impl Source {
     /// The file path (the symlink itself when it is one).
@@ -180,24 +210,33 @@ impl Source {
 
     /// Checks, before a refresh, that its result can be saved: the file (if any) is
     /// readable and well-formed, and its folder takes a new file of the needed size. The
-    /// temp file made here is the one [`Source::commit`] fills.
-    pub fn prepare(&self, expected: Option<&Secret>) -> Result<PreparedWrite, FileError> {
-        let size = self.read_parsed()?.map_or(0, |(_, _, len)| len);
+    /// temp file made here is the one [`Prepared::fill`] and [`Source::commit`] use.
+    pub fn prepare(&self, expected: Option<&Secret>) -> Result<Prepared, FileError> {
+        let (base, size) = match self.read_parsed()? {
+            Some((_, obj, len)) => (obj, len),
+            None => (Map::new(), 0),
+        };
         let path = self.path();
         if let Some(dir) = path.parent() {
             if !dir.exists() {
                 fsutil::ensure_private_dir(dir).map_err(FileError::Folder)?;
             }
         }
-        PreparedWrite::create(&path, &tag_of(expected), size + WRITE_HEADROOM)
-            .map_err(|source| FileError::Write { path, source })
+        let write = PreparedWrite::create(&path, &tag_of(expected), size + WRITE_HEADROOM)
+            .map_err(|source| FileError::Write { path, source })?;
+        Ok(Prepared {
+            write,
+            base,
+            claude: matches!(self, Source::ClaudeCli(_)),
+            filled: None,
+        })
     }
 
     /// Writes `new` through `prepared` unless another program changed the file (see
     /// [`Allow`]), keeping every other field.
     pub fn commit(
         &self,
-        mut prepared: PreparedWrite,
+        mut prepared: Prepared,
         new: &Tokens,
         allow: Allow<'_>,
     ) -> Result<CasOutcome, FileError> {
@@ -212,18 +251,21 @@ impl Source {
                 return Ok(CasOutcome::Conflict(cur.clone()));
             }
         }
-        let bytes = match self {
-            Source::Bundle(_) => bundle::render(obj, new),
-            Source::ClaudeCli(_) => claude_cli::render(obj, new),
-        };
         let path = self.path();
         let io = |source| FileError::Write {
             path: path.clone(),
             source,
         };
-        prepared.fill(&bytes).map_err(io)?;
-        let filled = Instant::now();
-        prepared.commit().map_err(io)?;
+        // Filled from the file as it was at `prepare`; other fields changed since (Claude
+        // Code keeps more than the login in its file) are taken over.
+        let filled = match prepared.filled {
+            Some(at) if prepared.base == obj => at,
+            _ => {
+                prepared.base = obj;
+                prepared.fill(new).map_err(io)?
+            }
+        };
+        prepared.write.commit().map_err(io)?;
         Ok(CasOutcome::Written { filled })
     }
 
@@ -246,11 +288,8 @@ impl Source {
         if left.is_empty() {
             return Ok(false);
         }
-        let current = match self.read() {
-            Ok(t) => t,
-            // A broken main file: leave everything as it is for the user to look at.
-            Err(e) => return Err(e),
-        };
+        // A broken main file: leave everything as it is for the user to look at.
+        let current = self.read()?;
         let want = tag_of(current.as_ref().and_then(|t| t.refresh.as_ref()));
         let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
         for l in left {
@@ -326,7 +365,7 @@ pub fn clamp_expiry(unix_secs: i64) -> i64 {
 }
 
 /// Reads and parses a JSON object file (bounded, regular files only).
-fn read_json_object(path: &std::path::Path) -> Result<Option<(Map<String, Value>, u64)>, FileError> {
+fn read_json_object(path: &std::path::Path) -> Result<Option<ObjectFile>, FileError> {
     let Some(bytes) = fsutil::read_regular_capped(path)? else {
         return Ok(None);
     };

@@ -221,8 +221,7 @@ pub(crate) async fn parse_token_response(
 fn error_code(s: &str) -> &str {
     let plain = !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     if plain {
         s
