@@ -1,38 +1,71 @@
 //! `llmctl`: command-line client of llmd.
 
+mod doctor;
+mod envvars;
+mod fail;
+mod place;
+mod ui;
+
 use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
+use fail::{code, Fail};
 use llmd_client::proto::chat::{
-    Block, ChatRequest, Content, Delta, Message, Role, ToolDef, ToolList, ToolName, ToolRef,
+    Block, ChatRequest, Content, Delta, EmbedParams, EmbedResult, Message, Role, ToolDef,
+    ToolList, ToolName, ToolRef,
 };
-use llmd_client::proto::methods::{names, Empty, ProfileState, ProfileStatus};
-use llmd_client::{ChatEvent, Client, Error};
+use llmd_client::proto::methods::{
+    names, CredentialsRemoveResult, Empty, ProfileParams, ProfileState, ProfileStatus,
+};
+use llmd_client::{ChatEvent, Client};
+use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// Command-line client of the llmd credential daemon.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  other failure
+  2  usage error (bad arguments or request)
+  3  llmd not reachable (not running, wrong socket)
+  4  unknown profile
+  5  needs login or has no credential (`status`: a profile needs attention)
+  6  the provider or its token endpoint failed";
+
+/// Get tokens, log in, store keys and chat through llmd, the daemon that owns your LLM
+/// credentials.
 #[derive(Parser)]
-#[command(name = "llmctl", version, about)]
+#[command(name = "llmctl", version, after_help = EXIT_CODES)]
 struct Cli {
-    /// Socket path (default: $LLMD_SOCKET, else $XDG_RUNTIME_DIR/llmd/llmd.sock).
+    /// Socket path (default: $LLMD_SOCKET, else the config's [daemon] socket, else
+    /// $XDG_RUNTIME_DIR/llmd/llmd.sock).
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// The llmd config file to take `[daemon] socket` from (default: $LLMD_CONFIG, else
+    /// ~/.config/llmd/config.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+fn profile_arg() -> ArgValueCandidates {
+    ArgValueCandidates::new(profile_candidates)
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Show the daemon's profiles and their state.
-    Status {
-        /// Print the raw JSON result.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Show the daemon's profiles, where each credential comes from and its state; exits 5
+    /// when a profile needs attention.
+    Status,
     /// Print a profile's bare token (for apiKeyHelper or scripts).
     Token {
         /// Profile name.
+        #[arg(add = profile_arg())]
         profile: String,
         /// The token must stay valid at least this many seconds.
         #[arg(long, value_name = "SECS")]
@@ -41,26 +74,44 @@ enum Cmd {
     /// Print the auth headers a request to the profile's provider needs.
     Headers {
         /// Profile name.
+        #[arg(add = profile_arg())]
         profile: String,
-        /// Print JSON instead of `name: value` lines.
-        #[arg(long)]
-        json: bool,
     },
     /// Force a refresh of a login and print the new expiry.
     Refresh {
         /// Profile name.
+        #[arg(add = profile_arg())]
         profile: String,
     },
     /// Make the daemon re-read its config and credential files.
     Reload,
-    /// Log in to an OAuth profile: open the URL, paste the code shown.
+    /// Log in to an OAuth profile (Anthropic: paste the code shown; MiniMax: approve the
+    /// code shown).
     Login {
         /// Profile name.
+        #[arg(add = profile_arg())]
         profile: String,
+        /// Open the login page in the browser without asking.
+        #[arg(long, conflicts_with = "no_browser")]
+        browser: bool,
+        /// Never open a browser.
+        #[arg(long)]
+        no_browser: bool,
     },
-    /// Store an API key (or with --setup-token, a setup-token) read from stdin.
+    /// Remove what llmd stored for a profile (stored key, setup-token, OAuth bundle).
+    Logout {
+        /// Profile name.
+        #[arg(add = profile_arg())]
+        profile: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Store an API key (or with --setup-token, a setup-token): typed hidden on a terminal,
+    /// else read from stdin. It then wins over api_key_file and api_key_env.
     SetKey {
         /// Profile name.
+        #[arg(add = profile_arg())]
         profile: String,
         /// The secret is an Anthropic setup-token (`claude setup-token`).
         #[arg(long)]
@@ -71,6 +122,7 @@ enum Cmd {
     /// Send a chat request and stream the reply.
     Chat {
         /// Profile name.
+        #[arg(add = profile_arg())]
         profile: String,
         /// Model (default: the profile's default_model).
         #[arg(short = 'm', long)]
@@ -84,11 +136,19 @@ enum Cmd {
         /// Output token limit.
         #[arg(long)]
         max_tokens: Option<u32>,
-        /// Print the whole response as JSON instead of streaming text.
-        #[arg(long)]
-        json: bool,
         /// The prompt (read from stdin when absent).
         prompt: Option<String>,
+    },
+    /// Embed texts (arguments, else one per stdin line) and print one vector per line.
+    Embed {
+        /// Profile name.
+        #[arg(add = profile_arg())]
+        profile: String,
+        /// Embedding model (default: the provider's).
+        #[arg(short = 'm', long)]
+        model: Option<String>,
+        /// Texts.
+        texts: Vec<String>,
     },
     /// Manage the daemon's tool registry.
     Tools {
@@ -101,10 +161,32 @@ enum Cmd {
         #[arg(short = 'n', default_value_t = 10)]
         count: u32,
     },
-    /// Print shell completions.
+    /// Check the socket, config, every profile's credential source and (--net) provider
+    /// reachability.
+    Doctor {
+        /// Also connect to each provider host.
+        #[arg(long)]
+        net: bool,
+    },
+    /// Print `export LLMD_SOCKET=…` for `eval "$(llmctl env)"`.
+    Env,
+    /// Run a command with the profile's credential in the provider's usual variables
+    /// (ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY, …, and base URLs).
+    Exec {
+        /// Profile name.
+        #[arg(add = profile_arg())]
+        profile: String,
+        /// The token must stay valid at least this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        min_valid: u64,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Print shell completions, with profile names completed from the running daemon.
     Completions {
-        /// Shell.
-        shell: clap_complete::Shell,
+        /// Shell: bash, zsh, fish, elvish or powershell.
+        shell: String,
     },
 }
 
@@ -124,41 +206,143 @@ enum ToolsCmd {
     },
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+/// Profile names of the running daemon, for shell completion; nothing when it is away.
+fn profile_candidates() -> Vec<CompletionCandidate> {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    rt.block_on(async {
+        let (path, _) = place::socket(None, None);
+        let ask = async {
+            let c = Client::connect_to(path).await.ok()?;
+            c.status().await.ok()
+        };
+        match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(Some(s)) => s
+                .profiles
+                .into_iter()
+                .map(|p| {
+                    CompletionCandidate::new(p.name).help(Some(format!("{} {}", p.provider, p.auth).into()))
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`llmctl completions bash | head -1`), as other Unix
+    // tools do, instead of panicking in println!.
+    // SAFETY: restoring the default disposition of a signal has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("llmctl: {msg}");
-            ExitCode::FAILURE
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("llmctl: cannot start: {e}");
+            return ExitCode::from(code::FAILURE);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(c) => ExitCode::from(c),
+        Err(f) => {
+            f.print();
+            ExitCode::from(f.code)
         }
     }
 }
 
-async fn connect(socket: Option<PathBuf>) -> Result<Client, String> {
-    let path = llmd_client::proto::paths::resolve_socket_path(socket, None);
-    Client::connect_to(path).await.map_err(|e| e.to_string())
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Fail> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
-fn describe(e: Error) -> String {
-    e.to_string()
+async fn connect(socket: &std::path::Path) -> Result<Client, Fail> {
+    let client = Client::connect_to(socket).await?;
+    // Names llmctl in the daemon's logs and status.
+    client.hello("llmctl", env!("CARGO_PKG_VERSION")).await?;
+    Ok(client)
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
-    if let Cmd::Completions { shell } = cli.cmd {
-        clap_complete::generate(shell, &mut Cli::command(), "llmctl", &mut std::io::stdout());
-        return Ok(());
-    }
-    let client = connect(cli.socket).await?;
+fn needs_attention(p: &ProfileStatus) -> bool {
+    matches!(
+        p.state,
+        ProfileState::NeedsLogin | ProfileState::Missing | ProfileState::Error
+    )
+}
+
+async fn run(cli: Cli) -> Result<u8, Fail> {
+    let json = cli.json;
+    let (socket, origin) = place::socket(cli.socket.clone(), cli.config.clone());
     match cli.cmd {
-        Cmd::Status { json } => {
-            let s = client.status().await.map_err(describe)?;
+        Cmd::Completions { shell } => {
+            let known = clap_complete::env::Shells::builtins();
+            if known.completer(&shell).is_none() {
+                return Err(Fail::usage(format!(
+                    "unknown shell `{shell}`: use one of {}",
+                    known.names().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            // The registration script calls back into llmctl (`COMPLETE=<shell> llmctl`),
+            // which completes profile names from the running daemon.
+            let exe = std::env::current_exe()
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "llmctl".into());
+            let args: Vec<OsString> = vec!["llmctl".into()];
+            std::env::set_var("COMPLETE", &shell);
+            clap_complete::CompleteEnv::with_factory(Cli::command)
+                .completer(exe)
+                .try_complete(args, None)
+                .map_err(|e| Fail::other(e.to_string()))?;
+            return Ok(code::OK);
+        }
+        Cmd::Env => {
+            let path = socket.to_string_lossy().into_owned();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-                );
+                print_json(&serde_json::json!({ "LLMD_SOCKET": path }))?;
+            } else {
+                println!("export LLMD_SOCKET={}", shell_quote(&path));
+            }
+            return Ok(code::OK);
+        }
+        Cmd::Doctor { net } => {
+            let checks = doctor::run(&socket, origin, cli.config.clone(), net).await;
+            let failed = checks.iter().any(|c| c.level == doctor::Level::Fail);
+            if json {
+                print_json(&checks)?;
+            } else {
+                let colour = ui::stdout_colour();
+                let w = checks.iter().map(|c| c.check.len()).max().unwrap_or(0);
+                for c in &checks {
+                    let (mark, sgr) = match c.level {
+                        doctor::Level::Ok => ("ok  ", "32"),
+                        doctor::Level::Warn => ("warn", "33"),
+                        doctor::Level::Fail => ("FAIL", "31"),
+                    };
+                    println!("{}  {:<w$}  {}", ui::paint(colour, sgr, mark), c.check, c.detail);
+                }
+            }
+            return Ok(if failed { code::FAILURE } else { code::OK });
+        }
+        _ => {}
+    }
+    let client = connect(&socket).await?;
+    match cli.cmd {
+        Cmd::Status => {
+            let s = client.status().await?;
+            let attention = s.profiles.iter().any(needs_attention);
+            if json {
+                print_json(&s)?;
             } else {
                 println!(
                     "llmd {} (protocol {}), up {}, {} connection(s)",
@@ -167,21 +351,29 @@ async fn run(cli: Cli) -> Result<(), String> {
                     human(s.uptime_secs as i64),
                     s.connections
                 );
-                print!("{}", status_table(&s.profiles, now()));
+                print!("{}", status_table(&s.profiles, now(), ui::stdout_colour()));
+                if s.profiles.iter().any(|p| p.source.as_ref().is_some_and(|x| !x.shadowed.is_empty())) {
+                    println!(
+                        "A stored key (llmctl set-key) wins over api_key_file, which wins over api_key_env; \
+                         `llmctl logout PROFILE` removes the stored one."
+                    );
+                }
             }
+            return Ok(if attention { code::NEEDS_LOGIN } else { code::OK });
         }
         Cmd::Token { profile, min_valid } => {
-            let t = client.token(&profile, min_valid).await.map_err(describe)?;
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", t.token).map_err(|e| e.to_string())?;
-        }
-        Cmd::Headers { profile, json } => {
-            let t = client.token(&profile, None).await.map_err(describe)?;
+            let t = client.token(&profile, min_valid).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&t.headers).map_err(|e| e.to_string())?
-                );
+                print_json(&t)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", t.token)?;
+            }
+        }
+        Cmd::Headers { profile } => {
+            let t = client.token(&profile, None).await?;
+            if json {
+                println!("{}", serde_json::to_string(&t.headers)?);
             } else {
                 for (k, v) in &t.headers {
                     println!("{k}: {v}");
@@ -189,96 +381,172 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Refresh { profile } => {
-            let t = client.refresh(&profile).await.map_err(describe)?;
-            println!("{}: refreshed, {}", profile, expiry(t.expires_at, now()));
+            let t = client.refresh(&profile).await?;
+            if json {
+                print_json(&serde_json::json!({"profile": profile, "expires_at": t.expires_at}))?;
+            } else {
+                println!("{}: refreshed, {}", profile, expiry(t.expires_at, now()));
+            }
         }
         Cmd::Reload => {
-            let r = client.reload().await.map_err(describe)?;
-            println!("reloaded: {}", r.profiles.join(", "));
+            let r = client.reload().await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("reloaded: {}", r.profiles.join(", "));
+            }
         }
-        Cmd::Login { profile } => {
-            let start = client.login_start(&profile).await.map_err(describe)?;
-            eprintln!(
-                "Open this URL in a browser, log in, and paste the code it shows:\n\n{}\n",
-                start.url
-            );
-            eprint!("Code: ");
-            let _ = std::io::stderr().flush();
-            let mut code = String::new();
-            std::io::stdin()
-                .read_line(&mut code)
-                .map_err(|e| format!("cannot read the code: {e}"))?;
-            let done = client
-                .login_finish(&profile, code.trim())
-                .await
-                .map_err(describe)?;
-            println!("{profile}: logged in, {}", expiry(done.expires_at, now()));
+        Cmd::Login {
+            profile,
+            browser,
+            no_browser,
+        } => {
+            let choice = match (browser, no_browser) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let start = client.login_start(&profile).await?;
+            let done = if let Some(user_code) = &start.user_code {
+                eprintln!(
+                    "Open this URL in a browser, log in to MiniMax and approve the code {user_code}:\n\n{}\n",
+                    start.url
+                );
+                ui::offer_browser(&start.url, choice);
+                eprintln!("Waiting for the approval…");
+                client.login_finish(&profile, user_code).await?
+            } else {
+                eprintln!(
+                    "Open this URL in a browser, log in, and paste the code it shows:\n\n{}\n",
+                    start.url
+                );
+                ui::offer_browser(&start.url, choice);
+                eprint!("Code: ");
+                let _ = std::io::stderr().flush();
+                let mut code = String::new();
+                std::io::stdin()
+                    .read_line(&mut code)
+                    .map_err(|e| Fail::other(format!("cannot read the code: {e}")))?;
+                client.login_finish(&profile, code.trim()).await?
+            };
+            if json {
+                print_json(&serde_json::json!({"profile": profile, "expires_at": done.expires_at}))?;
+            } else {
+                println!("{profile}: logged in, {}", expiry(done.expires_at, now()));
+            }
+        }
+        Cmd::Logout { profile, yes } => {
+            let s = client.status().await?;
+            let Some(p) = s.profiles.iter().find(|p| p.name == profile) else {
+                return Err(Fail::new(code::UNKNOWN_PROFILE, format!("no profile `{profile}`")));
+            };
+            if !yes {
+                if !ui::interactive() {
+                    return Err(Fail::usage(format!(
+                        "`llmctl logout {profile}` removes what llmd stored for it; pass --yes to confirm without a terminal"
+                    )));
+                }
+                let what = if p.auth == "oauth" { "stored key and OAuth login" } else { "stored key or setup-token" };
+                if !ui::confirm(&format!("Remove the {what} llmd keeps for `{profile}`?"), false) {
+                    return Err(Fail::other("nothing removed"));
+                }
+            }
+            let r: CredentialsRemoveResult = client
+                .call(names::CREDENTIALS_REMOVE, &ProfileParams { profile: profile.clone() })
+                .await?;
+            if json {
+                print_json(&r)?;
+            } else if r.removed.is_empty() {
+                println!("{profile}: llmd had stored nothing");
+            } else {
+                for f in &r.removed {
+                    println!("{profile}: removed {f}");
+                }
+            }
+            if p.auth == "claude-cli" && !json {
+                eprintln!("note: llmd never removes Claude Code's own login; log out in Claude Code for that");
+            }
         }
         Cmd::SetKey {
             profile,
             setup_token,
         } => {
-            if std::io::stdin().is_terminal() {
-                eprintln!(
-                    "Paste the {} and press Enter, then Ctrl-D:",
-                    if setup_token {
-                        "setup-token"
-                    } else {
-                        "API key"
-                    }
-                );
-            }
-            let mut secret = String::new();
-            std::io::stdin()
-                .read_to_string(&mut secret)
-                .map_err(|e| format!("cannot read stdin: {e}"))?;
+            let what = if setup_token { "setup-token" } else { "API key" };
+            let secret = if std::io::stdin().is_terminal() {
+                ui::read_hidden(&format!("Paste the {what} (input hidden) and press Enter: "))
+                    .map_err(|e| Fail::other(format!("cannot read the {what}: {e}")))?
+            } else {
+                let mut s = String::new();
+                std::io::stdin()
+                    .take(64 * 1024)
+                    .read_to_string(&mut s)
+                    .map_err(|e| Fail::other(format!("cannot read stdin: {e}")))?;
+                s
+            };
             let secret = secret.trim();
             if secret.is_empty() {
-                return Err(
-                    "nothing on stdin: pipe the secret in, e.g. `llmctl set-key NAME < keyfile`"
-                        .into(),
-                );
+                return Err(Fail::usage(
+                    "nothing on stdin: pipe the secret in, e.g. `llmctl set-key NAME < keyfile`",
+                ));
             }
             if setup_token {
-                client
-                    .set_setup_token(&profile, secret)
-                    .await
-                    .map_err(describe)?;
+                client.set_setup_token(&profile, secret).await?;
             } else {
-                client
-                    .set_api_key(&profile, secret)
-                    .await
-                    .map_err(describe)?;
+                client.set_api_key(&profile, secret).await?;
             }
-            println!("{profile}: stored");
+            let shadowed = client
+                .status()
+                .await
+                .ok()
+                .and_then(|s| s.profiles.into_iter().find(|p| p.name == profile))
+                .and_then(|p| p.source)
+                .map(|s| s.shadowed)
+                .unwrap_or_default();
+            if json {
+                print_json(&serde_json::json!({"profile": profile, "stored": true, "overrides": shadowed}))?;
+            } else {
+                println!("{profile}: stored");
+                if !shadowed.is_empty() {
+                    eprintln!(
+                        "note: the stored {what} now wins over {}; `llmctl logout {profile}` removes it",
+                        shadowed.join(", ")
+                    );
+                }
+            }
         }
         Cmd::Events => {
-            let mut rx = client.subscribe(&[]).await.map_err(describe)?;
+            let mut rx = client.subscribe(&[]).await?;
             while let Some(e) = rx.recv().await {
-                println!("{}", serde_json::to_string(&e).map_err(|e| e.to_string())?);
+                println!("{}", serde_json::to_string(&e)?);
             }
-            return Err("llmd closed the connection".into());
+            return Err(Fail::new(code::NOT_RUNNING, "llmd closed the connection"));
         }
         Cmd::Ping { count } => {
             let count = count.max(1);
             let mut times = Vec::with_capacity(count as usize);
             for _ in 0..count {
                 let t = Instant::now();
-                client
-                    .hello("llmctl", env!("CARGO_PKG_VERSION"))
-                    .await
-                    .map_err(describe)?;
+                client.hello("llmctl", env!("CARGO_PKG_VERSION")).await?;
                 times.push(t.elapsed());
             }
             times.sort();
             let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
-            println!(
-                "{} round trips: min {} median {} p99 {}",
-                count,
-                micros(times[0]),
-                micros(pct(0.5)),
-                micros(pct(0.99))
-            );
+            if json {
+                print_json(&serde_json::json!({
+                    "count": count,
+                    "min_us": times[0].as_micros() as u64,
+                    "median_us": pct(0.5).as_micros() as u64,
+                    "p99_us": pct(0.99).as_micros() as u64,
+                }))?;
+            } else {
+                println!(
+                    "{} round trips: min {} median {} p99 {}",
+                    count,
+                    micros(times[0]),
+                    micros(pct(0.5)),
+                    micros(pct(0.99))
+                );
+            }
         }
         Cmd::Chat {
             profile,
@@ -286,7 +554,6 @@ async fn run(cli: Cli) -> Result<(), String> {
             system,
             tools,
             max_tokens,
-            json,
             prompt,
         } => {
             let prompt = match prompt {
@@ -295,12 +562,12 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let mut text = String::new();
                     std::io::stdin()
                         .read_to_string(&mut text)
-                        .map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
+                        .map_err(|e| Fail::other(format!("cannot read the prompt from stdin: {e}")))?;
                     text
                 }
             };
             if prompt.trim().is_empty() {
-                return Err("empty prompt: pass it as an argument or on stdin".into());
+                return Err(Fail::usage("empty prompt: pass it as an argument or on stdin"));
             }
             let mut defs = Vec::new();
             for file in &tools {
@@ -318,68 +585,128 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ..Default::default()
             };
             if json {
-                let resp = client.chat(&profile, request).await.map_err(describe)?;
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&resp).map_err(|e| e.to_string())?
-                );
-                return Ok(());
+                let resp = client.chat(&profile, request).await?;
+                print_json(&resp)?;
+                return Ok(code::OK);
             }
             stream_chat(&client, &profile, request).await?;
+        }
+        Cmd::Embed {
+            profile,
+            model,
+            texts,
+        } => {
+            let input = if texts.is_empty() {
+                let mut text = String::new();
+                std::io::stdin()
+                    .take(16 * 1024 * 1024)
+                    .read_to_string(&mut text)
+                    .map_err(|e| Fail::other(format!("cannot read stdin: {e}")))?;
+                text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+            } else {
+                texts
+            };
+            if input.is_empty() {
+                return Err(Fail::usage("nothing to embed: pass texts as arguments or one per stdin line"));
+            }
+            let r: EmbedResult = client
+                .call(names::EMBED, &EmbedParams { profile, model, input })
+                .await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                for v in &r.embeddings {
+                    println!("{}", serde_json::to_string(v)?);
+                }
+            }
+        }
+        Cmd::Exec {
+            profile,
+            min_valid,
+            command,
+        } => {
+            let s = client.status().await?;
+            let Some(p) = s.profiles.into_iter().find(|p| p.name == profile) else {
+                return Err(Fail::new(code::UNKNOWN_PROFILE, format!("no profile `{profile}`")));
+            };
+            let t = client.token(&profile, Some(min_valid)).await?;
+            let vars = envvars::for_profile(&p, &t);
+            use std::os::unix::process::CommandExt;
+            let mut cmd = std::process::Command::new(&command[0]);
+            cmd.args(&command[1..]).env("LLMD_SOCKET", &socket);
+            for (k, v) in vars {
+                cmd.env(k, v);
+            }
+            // exec only returns on failure.
+            let e = cmd.exec();
+            return Err(Fail::new(
+                127,
+                format!("cannot run {}: {e}", command[0].to_string_lossy()),
+            ));
         }
         Cmd::Tools { cmd } => match cmd {
             ToolsCmd::Add { file } => {
                 let def = read_tool(&file)?;
                 let name = def.name.clone();
-                client
-                    .call::<_, Empty>(names::TOOLS_REGISTER, &def)
-                    .await
-                    .map_err(describe)?;
-                println!("registered {name}");
+                client.call::<_, Empty>(names::TOOLS_REGISTER, &def).await?;
+                if json {
+                    print_json(&serde_json::json!({"registered": name}))?;
+                } else {
+                    println!("registered {name}");
+                }
             }
             ToolsCmd::List => {
-                let list: ToolList = client
-                    .call(names::TOOLS_LIST, &Empty {})
-                    .await
-                    .map_err(describe)?;
-                for t in list.tools {
-                    println!("{}\t{}", t.name, t.description);
+                let list: ToolList = client.call(names::TOOLS_LIST, &Empty {}).await?;
+                if json {
+                    print_json(&list)?;
+                } else {
+                    for t in list.tools {
+                        println!("{}\t{}", t.name, t.description);
+                    }
                 }
             }
             ToolsCmd::Rm { name } => {
                 client
                     .call::<_, Empty>(names::TOOLS_REMOVE, &ToolName { name: name.clone() })
-                    .await
-                    .map_err(describe)?;
-                println!("removed {name}");
+                    .await?;
+                if json {
+                    print_json(&serde_json::json!({"removed": name}))?;
+                } else {
+                    println!("removed {name}");
+                }
             }
         },
-        Cmd::Completions { .. } => {}
+        Cmd::Completions { .. } | Cmd::Env | Cmd::Doctor { .. } => {}
     }
-    Ok(())
+    Ok(code::OK)
 }
 
-fn read_tool(file: &std::path::Path) -> Result<ToolDef, String> {
+/// `'…'` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn read_tool(file: &std::path::Path) -> Result<ToolDef, Fail> {
     let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        .map_err(|e| Fail::usage(format!("cannot read {}: {e}", file.display())))?;
     serde_json::from_str(&text).map_err(|e| {
-        format!(
+        Fail::usage(format!(
             "{} is not a tool definition ({{name, description, input_schema}}): {e}",
             file.display()
-        )
+        ))
     })
 }
 
 /// Prints text as it arrives, tool calls as `[tool_use NAME {json}]`, reasoning on stderr.
-async fn stream_chat(client: &Client, profile: &str, request: ChatRequest) -> Result<(), String> {
+async fn stream_chat(client: &Client, profile: &str, request: ChatRequest) -> Result<(), Fail> {
     let mut stream = client
         .chat_stream(profile, request)
         .await
-        .map_err(describe)?;
+        ?;
     let mut out = std::io::stdout();
     let mut in_tool = std::collections::BTreeSet::new();
     while let Some(event) = stream.next_event().await {
-        match event.map_err(describe)? {
+        match event? {
             ChatEvent::Delta(Delta::Text { text }) => {
                 let _ = write!(out, "{text}");
                 let _ = out.flush();
@@ -453,7 +780,13 @@ fn state_text(p: &ProfileStatus, now: i64) -> String {
     match p.state {
         ProfileState::NeedsLogin => format!("needs login: run llmctl login {}", p.name),
         ProfileState::Missing if p.auth == "oauth" || p.auth == "claude-cli" => {
-            format!("not logged in: run llmctl login {}", p.name)
+            match &p.last_error {
+                // A file that exists but cannot be used is not "not logged in": say why.
+                Some(e) if p.source.as_ref().is_some_and(|s| s.present) => {
+                    format!("unusable login: {e}")
+                }
+                _ => format!("not logged in: run llmctl login {}", p.name),
+            }
         }
         ProfileState::Missing => match &p.last_error {
             Some(e) => format!("missing: {e}"),
@@ -490,23 +823,47 @@ fn traffic_text(p: &ProfileStatus) -> String {
     }
 }
 
-fn status_table(profiles: &[ProfileStatus], now: i64) -> String {
+/// `env ANTHROPIC_API_KEY`, `stored`, `file PATH`, `bundle PATH`, `Claude Code PATH`.
+fn source_text(p: &ProfileStatus) -> String {
+    let Some(s) = &p.source else {
+        return "-".into();
+    };
+    let base = match s.kind.as_str() {
+        "stored" => "stored (llmctl set-key)".to_owned(),
+        "env" => format!("env {}", s.location),
+        "claude-cli" => format!("Claude Code {}", s.location),
+        k => format!("{k} {}", s.location),
+    };
+    if s.shadowed.is_empty() {
+        base
+    } else {
+        format!("{base}, overrides {}", s.shadowed.join(", "))
+    }
+}
+
+fn status_table(profiles: &[ProfileStatus], now: i64, colour: bool) -> String {
     if profiles.is_empty() {
         return "no profiles configured: set ANTHROPIC_API_KEY (or another provider key) or write ~/.config/llmd/config.toml\n".into();
     }
-    let rows: Vec<[String; 4]> = profiles
+    let rows: Vec<[String; 5]> = profiles
         .iter()
         .map(|p| {
+            let sgr = match p.state {
+                ProfileState::Ok => "32",
+                ProfileState::Refreshing => "33",
+                _ => "31",
+            };
             [
                 p.name.clone(),
                 p.provider.clone(),
                 p.auth.clone(),
-                state_text(p, now) + &traffic_text(p),
+                source_text(p),
+                ui::paint(colour, sgr, &(state_text(p, now) + &traffic_text(p))),
             ]
         })
         .collect();
-    let head = ["PROFILE", "PROVIDER", "AUTH", "STATE"];
-    let w: Vec<usize> = (0..3)
+    let head = ["PROFILE", "PROVIDER", "AUTH", "SOURCE", "STATE"];
+    let w: Vec<usize> = (0..4)
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -515,27 +872,23 @@ fn status_table(profiles: &[ProfileStatus], now: i64) -> String {
                 .unwrap_or(0)
         })
         .collect();
-    let mut out = format!(
-        "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
-        head[0],
-        head[1],
-        head[2],
-        head[3],
-        w0 = w[0],
-        w1 = w[1],
-        w2 = w[2]
-    );
-    for r in rows {
-        out += &format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
+    let line = |r: [&str; 5]| {
+        format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}\n",
             r[0],
             r[1],
             r[2],
             r[3],
+            r[4],
             w0 = w[0],
             w1 = w[1],
-            w2 = w[2]
-        );
+            w2 = w[2],
+            w3 = w[3]
+        )
+    };
+    let mut out = line(head);
+    for r in &rows {
+        out += &line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
     }
     out
 }
@@ -555,6 +908,9 @@ mod tests {
             refresh_count: 0,
             last_error: None,
             limits: None,
+            source: None,
+            base_url: None,
+            default_model: None,
         }
     }
 
@@ -574,6 +930,7 @@ mod tests {
                 st("claude", ProfileState::NeedsLogin, None),
             ],
             1000,
+            false,
         );
         assert!(t.contains("expires in 4h12m"), "{t}");
         assert!(t.contains("needs login: run llmctl login claude"), "{t}");
@@ -589,7 +946,7 @@ mod tests {
             paused_for_ms: Some(4500),
             ..Default::default()
         });
-        let t = status_table(&[p], 0);
+        let t = status_table(&[p], 0, false);
         assert!(t.contains("ok; 3 queued, 2 in flight, paused 5s"), "{t}");
     }
 }
