@@ -162,13 +162,23 @@ mod tests {
     fn upstream_error_shows_host_cause_and_body() {
         let e = RpcError::new(ErrorKind::Upstream, "cannot reach the provider")
             .with("host", "api.example.com")
-            .with("cause", serde_json::json!(["error sending request", "connection refused"]))
+            .with(
+                "cause",
+                serde_json::json!(["error sending request", "connection refused"]),
+            )
             .with("body", "{\"error\":\n\"Incorrect API key provided\"}");
         let f = from_rpc(&e);
         assert_eq!(f.code, code::UPSTREAM);
         assert_eq!(f.details[0], "host: api.example.com");
-        assert_eq!(f.details[1], "cause: error sending request: connection refused");
-        assert!(f.details[2].contains("Incorrect API key provided"), "{:?}", f.details);
+        assert_eq!(
+            f.details[1],
+            "cause: error sending request: connection refused"
+        );
+        assert!(
+            f.details[2].contains("Incorrect API key provided"),
+            "{:?}",
+            f.details
+        );
     }
 
     #[test]

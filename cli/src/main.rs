@@ -10,8 +10,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
 use fail::{code, Fail};
 use llmd_client::proto::chat::{
-    Block, ChatRequest, Content, Delta, EmbedParams, EmbedResult, Message, Role, ToolDef,
-    ToolList, ToolName, ToolRef,
+    Block, ChatRequest, Content, Delta, EmbedParams, EmbedResult, Message, Role, ToolDef, ToolList,
+    ToolName, ToolRef,
 };
 use llmd_client::proto::methods::{
     names, CredentialsRemoveResult, Empty, ProfileParams, ProfileState, ProfileStatus,
@@ -225,7 +225,8 @@ fn profile_candidates() -> Vec<CompletionCandidate> {
                 .profiles
                 .into_iter()
                 .map(|p| {
-                    CompletionCandidate::new(p.name).help(Some(format!("{} {}", p.provider, p.auth).into()))
+                    CompletionCandidate::new(p.name)
+                        .help(Some(format!("{} {}", p.provider, p.auth).into()))
                 })
                 .collect(),
             _ => Vec::new(),
@@ -329,7 +330,12 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                         doctor::Level::Warn => ("warn", "33"),
                         doctor::Level::Fail => ("FAIL", "31"),
                     };
-                    println!("{}  {:<w$}  {}", ui::paint(colour, sgr, mark), c.check, c.detail);
+                    println!(
+                        "{}  {:<w$}  {}",
+                        ui::paint(colour, sgr, mark),
+                        c.check,
+                        c.detail
+                    );
                 }
             }
             return Ok(if failed { code::FAILURE } else { code::OK });
@@ -352,14 +358,21 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                     s.connections
                 );
                 print!("{}", status_table(&s.profiles, now(), ui::stdout_colour()));
-                if s.profiles.iter().any(|p| p.source.as_ref().is_some_and(|x| !x.shadowed.is_empty())) {
+                if s.profiles
+                    .iter()
+                    .any(|p| p.source.as_ref().is_some_and(|x| !x.shadowed.is_empty()))
+                {
                     println!(
                         "A stored key (llmctl set-key) wins over api_key_file, which wins over api_key_env; \
                          `llmctl logout PROFILE` removes the stored one."
                     );
                 }
             }
-            return Ok(if attention { code::NEEDS_LOGIN } else { code::OK });
+            return Ok(if attention {
+                code::NEEDS_LOGIN
+            } else {
+                code::OK
+            });
         }
         Cmd::Token { profile, min_valid } => {
             let t = client.token(&profile, min_valid).await?;
@@ -430,7 +443,9 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 client.login_finish(&profile, code.trim()).await?
             };
             if json {
-                print_json(&serde_json::json!({"profile": profile, "expires_at": done.expires_at}))?;
+                print_json(
+                    &serde_json::json!({"profile": profile, "expires_at": done.expires_at}),
+                )?;
             } else {
                 println!("{profile}: logged in, {}", expiry(done.expires_at, now()));
             }
@@ -438,7 +453,10 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Logout { profile, yes } => {
             let s = client.status().await?;
             let Some(p) = s.profiles.iter().find(|p| p.name == profile) else {
-                return Err(Fail::new(code::UNKNOWN_PROFILE, format!("no profile `{profile}`")));
+                return Err(Fail::new(
+                    code::UNKNOWN_PROFILE,
+                    format!("no profile `{profile}`"),
+                ));
             };
             if !yes {
                 if !ui::interactive() {
@@ -446,13 +464,25 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                         "`llmctl logout {profile}` removes what llmd stored for it; pass --yes to confirm without a terminal"
                     )));
                 }
-                let what = if p.auth == "oauth" { "stored key and OAuth login" } else { "stored key or setup-token" };
-                if !ui::confirm(&format!("Remove the {what} llmd keeps for `{profile}`?"), false) {
+                let what = if p.auth == "oauth" {
+                    "stored key and OAuth login"
+                } else {
+                    "stored key or setup-token"
+                };
+                if !ui::confirm(
+                    &format!("Remove the {what} llmd keeps for `{profile}`?"),
+                    false,
+                ) {
                     return Err(Fail::other("nothing removed"));
                 }
             }
             let r: CredentialsRemoveResult = client
-                .call(names::CREDENTIALS_REMOVE, &ProfileParams { profile: profile.clone() })
+                .call(
+                    names::CREDENTIALS_REMOVE,
+                    &ProfileParams {
+                        profile: profile.clone(),
+                    },
+                )
                 .await?;
             if json {
                 print_json(&r)?;
@@ -471,10 +501,16 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             profile,
             setup_token,
         } => {
-            let what = if setup_token { "setup-token" } else { "API key" };
+            let what = if setup_token {
+                "setup-token"
+            } else {
+                "API key"
+            };
             let secret = if std::io::stdin().is_terminal() {
-                ui::read_hidden(&format!("Paste the {what} (input hidden) and press Enter: "))
-                    .map_err(|e| Fail::other(format!("cannot read the {what}: {e}")))?
+                ui::read_hidden(&format!(
+                    "Paste the {what} (input hidden) and press Enter: "
+                ))
+                .map_err(|e| Fail::other(format!("cannot read the {what}: {e}")))?
             } else {
                 let mut s = String::new();
                 std::io::stdin()
@@ -503,7 +539,9 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 .map(|s| s.shadowed)
                 .unwrap_or_default();
             if json {
-                print_json(&serde_json::json!({"profile": profile, "stored": true, "overrides": shadowed}))?;
+                print_json(
+                    &serde_json::json!({"profile": profile, "stored": true, "overrides": shadowed}),
+                )?;
             } else {
                 println!("{profile}: stored");
                 if !shadowed.is_empty() {
@@ -560,14 +598,16 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 Some(p) => p,
                 None => {
                     let mut text = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut text)
-                        .map_err(|e| Fail::other(format!("cannot read the prompt from stdin: {e}")))?;
+                    std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                        Fail::other(format!("cannot read the prompt from stdin: {e}"))
+                    })?;
                     text
                 }
             };
             if prompt.trim().is_empty() {
-                return Err(Fail::usage("empty prompt: pass it as an argument or on stdin"));
+                return Err(Fail::usage(
+                    "empty prompt: pass it as an argument or on stdin",
+                ));
             }
             let mut defs = Vec::new();
             for file in &tools {
@@ -602,15 +642,27 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                     .take(16 * 1024 * 1024)
                     .read_to_string(&mut text)
                     .map_err(|e| Fail::other(format!("cannot read stdin: {e}")))?;
-                text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned)
+                    .collect()
             } else {
                 texts
             };
             if input.is_empty() {
-                return Err(Fail::usage("nothing to embed: pass texts as arguments or one per stdin line"));
+                return Err(Fail::usage(
+                    "nothing to embed: pass texts as arguments or one per stdin line",
+                ));
             }
             let r: EmbedResult = client
-                .call(names::EMBED, &EmbedParams { profile, model, input })
+                .call(
+                    names::EMBED,
+                    &EmbedParams {
+                        profile,
+                        model,
+                        input,
+                    },
+                )
                 .await?;
             if json {
                 print_json(&r)?;
@@ -627,7 +679,10 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         } => {
             let s = client.status().await?;
             let Some(p) = s.profiles.into_iter().find(|p| p.name == profile) else {
-                return Err(Fail::new(code::UNKNOWN_PROFILE, format!("no profile `{profile}`")));
+                return Err(Fail::new(
+                    code::UNKNOWN_PROFILE,
+                    format!("no profile `{profile}`"),
+                ));
             };
             let t = client.token(&profile, Some(min_valid)).await?;
             let vars = envvars::for_profile(&p, &t);
@@ -699,10 +754,7 @@ fn read_tool(file: &std::path::Path) -> Result<ToolDef, Fail> {
 
 /// Prints text as it arrives, tool calls as `[tool_use NAME {json}]`, reasoning on stderr.
 async fn stream_chat(client: &Client, profile: &str, request: ChatRequest) -> Result<(), Fail> {
-    let mut stream = client
-        .chat_stream(profile, request)
-        .await
-        ?;
+    let mut stream = client.chat_stream(profile, request).await?;
     let mut out = std::io::stdout();
     let mut in_tool = std::collections::BTreeSet::new();
     while let Some(event) = stream.next_event().await {

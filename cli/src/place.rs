@@ -32,7 +32,11 @@ impl Origin {
 /// The config file llmd reads: `--config`, `$LLMD_CONFIG`, `$XDG_CONFIG_HOME/llmd/config.toml`,
 /// `~/.config/llmd/config.toml`.
 pub fn config_path(explicit: Option<PathBuf>) -> PathBuf {
-    let env = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |n: &str| {
+        std::env::var_os(n)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     explicit.or_else(|| env("LLMD_CONFIG")).unwrap_or_else(|| {
         env("XDG_CONFIG_HOME")
             .unwrap_or_else(|| env("HOME").unwrap_or_else(|| "/".into()).join(".config"))

@@ -313,17 +313,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         ))
     })?;
     let mut cfg = cfg;
-    expand_paths(&mut cfg).and_then(|()| validate(&cfg)).map_err(|(profile, key, msg)| {
-        let line = profile
-            .as_deref()
-            .and_then(|p| find_key_line(text, p, key))
-            .unwrap_or(1);
-        let name = match profile {
-            Some(p) => format!("profiles.{p}.{key}"),
-            None => format!("daemon.{key}"),
-        };
-        ConfigError(format!("{}:{line}: `{name}`: {msg}", path.display()))
-    })?;
+    expand_paths(&mut cfg)
+        .and_then(|()| validate(&cfg))
+        .map_err(|(profile, key, msg)| {
+            let line = profile
+                .as_deref()
+                .and_then(|p| find_key_line(text, p, key))
+                .unwrap_or(1);
+            let name = match profile {
+                Some(p) => format!("profiles.{p}.{key}"),
+                None => format!("daemon.{key}"),
+            };
+            ConfigError(format!("{}:{line}: `{name}`: {msg}", path.display()))
+        })?;
     Ok(cfg)
 }
 

@@ -184,7 +184,7 @@ impl Profile {
                     ErrorKind::MissingCredential,
                     format!("profile `{}`: {why}", self.name),
                 )
-                .with("profile", self.name.as_str()))
+                .with("profile", self.name.as_str()));
             }
             Credential::Login(h) => h.token(min_valid, force).await?,
         })

@@ -95,9 +95,15 @@ mod tests {
             _ => None,
         };
         let x = |s| expand_with(s, &env);
-        assert_eq!(x("~/.local/state/llmd").unwrap(), PathBuf::from("/home/u/.local/state/llmd"));
+        assert_eq!(
+            x("~/.local/state/llmd").unwrap(),
+            PathBuf::from("/home/u/.local/state/llmd")
+        );
         assert_eq!(x("~").unwrap(), PathBuf::from("/home/u"));
-        assert_eq!(x("$XDG_RUNTIME_DIR/llmd.sock").unwrap(), PathBuf::from("/run/user/5/llmd.sock"));
+        assert_eq!(
+            x("$XDG_RUNTIME_DIR/llmd.sock").unwrap(),
+            PathBuf::from("/run/user/5/llmd.sock")
+        );
         assert_eq!(x("${HOME}x/y").unwrap(), PathBuf::from("/home/ux/y"));
         assert_eq!(x("/a/~b/$").unwrap(), PathBuf::from("/a/~b/$"));
         assert!(x("$NOPE/x").unwrap_err().contains("NOPE"));

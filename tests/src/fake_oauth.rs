@@ -216,7 +216,9 @@ async fn user_code_form(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> 
     if !ok {
         return (
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({"base_resp": {"status_code": 1004, "status_msg": "bad code request"}})),
+            axum::Json(
+                json!({"base_resp": {"status_code": 1004, "status_msg": "bad code request"}}),
+            ),
         )
             .into_response();
     }
@@ -249,7 +251,9 @@ fn user_code_grant(s: &mut Inner, body: &Value) -> Response {
     let Some((challenge, polls)) = s.user_codes.get_mut(&code) else {
         return (
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({"base_resp": {"status_code": 1004, "status_msg": "unknown user code"}})),
+            axum::Json(
+                json!({"base_resp": {"status_code": 1004, "status_msg": "unknown user code"}}),
+            ),
         )
             .into_response();
     };

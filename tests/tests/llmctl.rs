@@ -30,7 +30,8 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-const KEYED: &str = "[profiles.p]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"T_KEY\"\n";
+const KEYED: &str =
+    "[profiles.p]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"T_KEY\"\n";
 
 // Finding 1: the body the daemon sends is printed, and the exit code says "upstream".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,13 +41,19 @@ async fn upstream_error_prints_the_provider_body() {
         "[profiles.bad]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"T_KEY\"\nbase_url = \"{}\"\ndefault_model = \"gpt-x\"\n",
         fake.openai_base()
     );
-    let d = Daemon::builder().config(&cfg).env("T_KEY", "sk-wrong").start();
+    let d = Daemon::builder()
+        .config(&cfg)
+        .env("T_KEY", "sk-wrong")
+        .start();
     fake.fail_next(1, Failure::Status(401));
     let o = d.llmctl(&["chat", "bad", "hi"]);
     assert_eq!(o.status.code(), Some(6), "{}", err(&o));
     let e = err(&o);
     assert!(e.contains("HTTP 401"), "{e}");
-    assert!(e.contains("provider said:") && e.contains("invalid x-api-key"), "{e}");
+    assert!(
+        e.contains("provider said:") && e.contains("invalid x-api-key"),
+        "{e}"
+    );
 }
 
 // Finding 3: `[daemon] socket` (with `$HOME` expanded) is where a bare llmctl looks.
@@ -61,7 +68,11 @@ async fn llmctl_finds_the_socket_from_the_config() {
     let sock = d.home.join("custom/llmd.sock");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(std::time::Instant::now() < deadline, "no socket; log:\n{}", d.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket; log:\n{}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let o = d.llmctl_command().args(["token", "p"]).output().unwrap();
@@ -85,7 +96,10 @@ async fn llmctl_finds_the_socket_from_the_config() {
 // each source, logout removes it after a confirmation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_key_is_visible_and_removable() {
-    let d = Daemon::builder().config(KEYED).env("T_KEY", "sk-good").start();
+    let d = Daemon::builder()
+        .config(KEYED)
+        .env("T_KEY", "sk-good")
+        .start();
     let o = d.llmctl(&["status", "--json"]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["profiles"][0]["source"]["kind"], "env");
@@ -138,7 +152,11 @@ async fn tilde_in_state_dir_is_expanded() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(err(&o).contains("daemon.state_dir") && err(&o).contains("absolute"), "{}", err(&o));
+    assert!(
+        err(&o).contains("daemon.state_dir") && err(&o).contains("absolute"),
+        "{}",
+        err(&o)
+    );
 }
 
 // Finding 8: a missing key is its own kind (not needs_login) and exit code 5; status says
@@ -188,7 +206,10 @@ async fn local_mistakes_are_not_upstream_failures() {
     c.login_start("work").await.unwrap();
     let e = c.login_finish("work", "  ").await.unwrap_err();
     assert_eq!(e.rpc().unwrap().kind(), ErrorKind::InvalidParams, "{e}");
-    let e = c.login_finish("work", "abc#not-the-state").await.unwrap_err();
+    let e = c
+        .login_finish("work", "abc#not-the-state")
+        .await
+        .unwrap_err();
     assert_eq!(e.rpc().unwrap().kind(), ErrorKind::InvalidParams, "{e}");
     assert!(e.to_string().contains("state mismatch"), "{e}");
     // embed on Anthropic is refused before any request.
@@ -238,8 +259,16 @@ async fn check_config_reports_profiles_without_credentials() {
     let d = Daemon::builder().config(KEYED).start();
     let o = d.llmd_command().arg("--check-config").output().unwrap();
     assert!(!o.status.success());
-    assert!(out(&o).contains("p: MISSING") && out(&o).contains("T_KEY"), "{}", out(&o));
-    assert!(err(&o).contains("1 of 1 profiles have no credential"), "{}", err(&o));
+    assert!(
+        out(&o).contains("p: MISSING") && out(&o).contains("T_KEY"),
+        "{}",
+        out(&o)
+    );
+    assert!(
+        err(&o).contains("1 of 1 profiles have no credential"),
+        "{}",
+        err(&o)
+    );
     let o = d
         .llmd_command()
         .arg("--check-config")
@@ -270,18 +299,28 @@ async fn small_manners() {
 
     let o = d.llmctl(&["--help"]);
     let first = out(&o).lines().next().unwrap_or("").to_owned();
-    assert!(first.contains("llmd") && first.contains("tokens"), "{first}");
+    assert!(
+        first.contains("llmd") && first.contains("tokens"),
+        "{first}"
+    );
     assert!(out(&o).contains("Exit codes"));
 
     let o = d.llmctl(&["token", "p"]);
     assert!(o.status.success());
-    assert!(d.logs().contains("llmctl"), "no hello from llmctl in the log");
+    assert!(
+        d.logs().contains("llmctl"),
+        "no hello from llmctl in the log"
+    );
     assert!(d.logs().contains("agent=\"llmctl") || d.logs().contains("agent=llmctl"));
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/llmd_client.py");
     if let Ok(o) = std::process::Command::new("python3").arg(script).output() {
         assert_eq!(o.status.code(), Some(2));
-        assert!(err(&o).contains("Usage:") && !err(&o).contains("Traceback"), "{}", err(&o));
+        assert!(
+            err(&o).contains("Usage:") && !err(&o).contains("Traceback"),
+            "{}",
+            err(&o)
+        );
     }
 }
 
@@ -295,22 +334,37 @@ async fn minimax_login_with_a_user_code() {
     );
     let d = Daemon::builder().config(&cfg).start();
     let o = d.llmctl(&["status"]);
-    assert!(out(&o).contains("not logged in: run llmctl login mm"), "{}", out(&o));
+    assert!(
+        out(&o).contains("not logged in: run llmctl login mm"),
+        "{}",
+        out(&o)
+    );
     let o = d.llmctl_stdin(&["login", "mm", "--no-browser"], "");
     assert!(o.status.success(), "{}\n{}", err(&o), d.logs());
     assert!(err(&o).contains("MMCODE-1"), "{}", err(&o));
     assert!(out(&o).contains("mm: logged in, expires in"), "{}", out(&o));
-    assert_eq!(d.llmctl(&["token", "mm"]).stdout, format!("{}\n", access_of(1)).as_bytes());
+    assert_eq!(
+        d.llmctl(&["token", "mm"]).stdout,
+        format!("{}\n", access_of(1)).as_bytes()
+    );
     let bundle: Value = serde_json::from_str(
         &std::fs::read_to_string(d.home.join("state/llmd/oauth/mm.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(bundle["refresh_token"], refresh_of(1));
     // The requests had the shape MiniMax's clients send.
-    let reqs: Vec<Value> = oauth.state().requests.iter().map(|(v, _)| v.clone()).collect();
+    let reqs: Vec<Value> = oauth
+        .state()
+        .requests
+        .iter()
+        .map(|(v, _)| v.clone())
+        .collect();
     assert_eq!(reqs[0]["response_type"], "code");
     assert_eq!(reqs[0]["code_challenge_method"], "S256");
-    assert_eq!(reqs[1]["grant_type"], "urn:ietf:params:oauth:grant-type:user_code");
+    assert_eq!(
+        reqs[1]["grant_type"],
+        "urn:ietf:params:oauth:grant-type:user_code"
+    );
     assert_eq!(reqs[1]["user_code"], "MMCODE-1");
     assert!(reqs.len() >= 3, "one pending poll, then success");
     // And the refresh engine owns the new login.
@@ -408,7 +462,12 @@ async fn exec_embed_doctor_and_completion() {
         "-c",
         "test \"$OPENAI_API_KEY\" = sk-oai-x && echo key-ok; echo \"$OPENAI_BASE_URL\"",
     ]);
-    assert_eq!(out(&o), format!("key-ok\n{}\n", fake.openai_base()), "{}", err(&o));
+    assert_eq!(
+        out(&o),
+        format!("key-ok\n{}\n", fake.openai_base()),
+        "{}",
+        err(&o)
+    );
 
     let o = d.llmctl(&["embed", "oai", "-m", "emb", "alpha", "beta"]);
     assert!(o.status.success(), "{}", err(&o));
@@ -417,7 +476,10 @@ async fn exec_embed_doctor_and_completion() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!(lines[0], llmd_tests::fake_providers::fake_embedding("alpha"));
+    assert_eq!(
+        lines[0],
+        llmd_tests::fake_providers::fake_embedding("alpha")
+    );
 
     for args in [
         vec!["token", "p", "--json"],
@@ -436,13 +498,23 @@ async fn exec_embed_doctor_and_completion() {
     assert_eq!(o.status.code(), Some(1), "nokey fails");
     let t = out(&o);
     assert!(t.contains("socket folder") && t.contains("0700"), "{t}");
-    assert!(t.contains("FAIL  profile nokey") && t.contains("env T_NONE"), "{t}");
+    assert!(
+        t.contains("FAIL  profile nokey") && t.contains("env T_NONE"),
+        "{t}"
+    );
     assert!(t.contains("key variables the daemon sees"), "{t}");
-    assert!(t.contains("reach 127.0.0.1") && t.contains("TCP connect works"), "{t}");
+    assert!(
+        t.contains("reach 127.0.0.1") && t.contains("TCP connect works"),
+        "{t}"
+    );
     assert!(!t.contains('\x1b'), "no colour into a pipe");
     let o = d.llmctl(&["doctor", "--json"]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v.as_array().unwrap().iter().any(|c| c["check"] == "profile p" && c["level"] == "ok"));
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["check"] == "profile p" && c["level"] == "ok"));
 
     let o = d
         .llmctl_command()
@@ -452,7 +524,10 @@ async fn exec_embed_doctor_and_completion() {
         .output()
         .unwrap();
     let t = out(&o);
-    assert!(t.contains("nokey") && t.contains("oai") && t.contains("p\t"), "{t}");
+    assert!(
+        t.contains("nokey") && t.contains("oai") && t.contains("p\t"),
+        "{t}"
+    );
     let o = d.llmctl(&["completions", "zsh"]);
     assert!(out(&o).contains("COMPLETE=\"zsh\""), "{}", out(&o));
 }
@@ -470,7 +545,11 @@ async fn chat_without_a_model_says_how_to_name_one() {
     let d = Daemon::builder().config(&cfg).env("T_OAI", "sk-o").start();
     let o = d.llmctl(&["chat", "oai", "hi"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(err(&o).contains("-m MODEL") && err(&o).contains("default_model"), "{}", err(&o));
+    assert!(
+        err(&o).contains("-m MODEL") && err(&o).contains("default_model"),
+        "{}",
+        err(&o)
+    );
     let o = d.llmctl(&["chat", "dm", "hi"]);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(fake.last_request().body["model"], "gpt-default");
@@ -494,6 +573,9 @@ async fn logout_removes_an_oauth_bundle() {
     let o = d.llmctl(&["logout", "work", "--yes", "--json"]);
     assert!(o.status.success(), "{}", err(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v["removed"][0].as_str().unwrap().ends_with("oauth/work.json"));
+    assert!(v["removed"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("oauth/work.json"));
     assert!(!d.home.join("state/llmd/oauth/work.json").exists());
 }

@@ -115,7 +115,9 @@ pub async fn finish(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             let pasted = p.code.trim();
             // What the user pasted is checked here: a mistake on this side is not the
             // provider's failure.
-            let (code, state) = pasted.split_once('#').unwrap_or((pasted, pending.state.as_str()));
+            let (code, state) = pasted
+                .split_once('#')
+                .unwrap_or((pasted, pending.state.as_str()));
             if code.trim().is_empty() {
                 return Err(RpcError::invalid_params(
                     "`code` is empty: paste the code the login page shows",
