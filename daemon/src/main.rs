@@ -86,6 +86,7 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
     }
     let socket = llmd_proto::paths::resolve_socket_path(args.socket, cfg.daemon.socket.clone());
     let grace = Duration::from_secs(cfg.daemon.shutdown_grace_secs);
+    let signals = systemd::Signals::catch()?;
     let (listener, shown, probe_address) = match listener::from_systemd()? {
         Some((l, addr)) => {
             let shown = listener::describe(&addr);
@@ -103,6 +104,7 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
     tracing::info!(socket = %shown, config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));
 
     systemd::handle_signals(
+        signals,
         daemon.clone(),
         manager.notifier.clone(),
         shown.clone(),
