@@ -579,3 +579,151 @@ async fn logout_removes_an_oauth_bundle() {
         .ends_with("oauth/work.json"));
     assert!(!d.home.join("state/llmd/oauth/work.json").exists());
 }
+
+/// The `script` command (util-linux) runs a command on a pseudo-terminal; these tests are
+/// skipped without it.
+fn script_tool() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("script"))
+        .find(|p| p.is_file())
+}
+
+fn shell_words(args: &[&str]) -> String {
+    args.iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// Deliver 4: colour on a terminal, none with NO_COLOR (and none into a pipe, above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let Some(script) = script_tool() else {
+        eprintln!("`script` not installed; skipping");
+        return;
+    };
+    let d = Daemon::builder().config(KEYED).env("T_KEY", "sk-x").start();
+    let llmctl = llmd_tests::bin_path("llmctl");
+    let cmd = shell_words(&[llmctl.to_str().unwrap(), "status"]);
+    let run = |no_color: bool| {
+        let mut c = std::process::Command::new(&script);
+        c.env_clear();
+        for (k, v) in d.llmctl_command().get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c.env("LLMD_SOCKET", &d.socket).env("TERM", "xterm");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        c.args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run(false);
+    assert!(out(&o).contains("\x1b[32m"), "{:?}", out(&o));
+    let o = run(true);
+    assert!(out(&o).contains("PROFILE"), "{:?}", out(&o));
+    assert!(!out(&o).contains('\x1b'), "{:?}", out(&o));
+}
+
+/// Waits until the terminal of `script`'s child has echo turned off.
+fn wait_for_echo_off(script_pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "echo never turned off"
+        );
+        let children =
+            std::fs::read_to_string(format!("/proc/{script_pid}/task/{script_pid}/children"))
+                .unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let Ok(tty) = std::fs::File::open(format!("/proc/{pid}/fd/0")) else {
+                continue;
+            };
+            use std::os::fd::AsRawFd;
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            if unsafe { libc::tcgetattr(tty.as_raw_fd(), &mut t) } == 0
+                && t.c_lflag & libc::ECHO == 0
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// Finding 9: set-key does not echo the key typed on a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_key_on_a_terminal_hides_the_key() {
+    use std::io::{Read, Write};
+    let Some(script) = script_tool() else {
+        eprintln!("`script` not installed; skipping");
+        return;
+    };
+    let d = Daemon::builder().config(KEYED).start();
+    let llmctl = llmd_tests::bin_path("llmctl");
+    let cmd = shell_words(&[llmctl.to_str().unwrap(), "set-key", "p"]);
+    let mut c = std::process::Command::new(&script);
+    c.env_clear();
+    for (k, v) in d.llmctl_command().get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    let mut child = c
+        .env("LLMD_SOCKET", &d.socket)
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_echo_off(child.id());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"sk-typed-on-tty\r").unwrap();
+    let mut output = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "{output}");
+    assert!(
+        output.contains("input hidden") && output.contains("p: stored"),
+        "{output}"
+    );
+    assert!(!output.contains("sk-typed"), "the key was echoed");
+    assert_eq!(d.llmctl(&["token", "p"]).stdout, b"sk-typed-on-tty\n");
+}
+
+// Deliver 6: the daemon sends provider traffic through HTTP(S)_PROXY from its environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_requests_go_through_the_proxy_from_the_environment() {
+    // The fake provider doubles as the proxy: an absolute-form request to an unresolvable
+    // host can only reach it through the proxy setting.
+    let fake = FakeProviders::start().await;
+    let base = fake.openai_base();
+    let path = base
+        .split_once("//")
+        .unwrap()
+        .1
+        .split_once('/')
+        .map_or("", |(_, p)| p);
+    let cfg = format!(
+        "[profiles.oai]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"T_OAI\"\nbase_url = \"http://provider.invalid/{path}\"\ndefault_model = \"m\"\n"
+    );
+    let d = Daemon::builder()
+        .config(&cfg)
+        .env("T_OAI", "sk-o")
+        .env("HTTP_PROXY", &fake.url())
+        .start();
+    let o = d.llmctl(&["chat", "oai", "hi"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(fake.chat_requests().len(), 1);
+}
