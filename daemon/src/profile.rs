@@ -277,7 +277,9 @@ pub fn credential_source(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> C
         CredentialSource {
             kind: kind.into(),
             location: path.display().to_string(),
-            present: meta.as_ref().is_some_and(|m| m.len() > 0),
+            // Present means usable by this daemon: there, not empty, and readable.
+            present: meta.as_ref().is_some_and(|m| m.is_file() && m.len() > 0)
+                && std::fs::File::open(path).is_ok(),
             mode: meta.map(|m| {
                 use std::os::unix::fs::PermissionsExt;
                 m.permissions().mode() & 0o7777
@@ -345,7 +347,7 @@ fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result
         .unwrap_or("CLAUDE_CODE_OAUTH_TOKEN");
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => setup_token::validate(&v),
-        _ => Err(format!("no setup-token: set {var} or run `llmctl set-key {name}` with the output of `claude setup-token`")),
+        _ => Err(format!("no setup-token: set {var} in llmd's environment, or run `claude setup-token` and store its output with `llmctl set-key {name} --setup-token`")),
     }
 }
 

@@ -189,6 +189,10 @@ async fn local_mistakes_are_not_upstream_failures() {
     );
     let d = Daemon::builder().config(&cfg).env("T_KEY", "sk-k").start();
     let c = d.client().await;
+    // The setup-token hint names --setup-token, in status and in the token error.
+    let o = d.llmctl(&["token", "st"]);
+    assert!(err(&o).contains("llmctl set-key st --setup-token"), "{}", err(&o));
+    assert!(out(&d.llmctl(&["status"])).contains("--setup-token"));
     // set-key on a setup-token profile names --setup-token.
     let o = d.llmctl_stdin(&["set-key", "st"], "sk-ant-oat01-xxxx\n");
     assert_eq!(o.status.code(), Some(2));
@@ -726,4 +730,32 @@ async fn provider_requests_go_through_the_proxy_from_the_environment() {
     let o = d.llmctl(&["chat", "oai", "hi"]);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(fake.chat_requests().len(), 1);
+}
+
+// Finding 9 / Deliver 4: exec gives an OAuth login's token with the beta header it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_an_oauth_login_sets_the_beta_header() {
+    let oauth = FakeOAuth::start(3600).await;
+    let cfg = format!(
+        "[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\nbase_url = \"http://127.0.0.1:9/\"\n",
+        oauth.anthropic_url()
+    );
+    let bundle = json!({"access_token": access_of(0), "refresh_token": refresh_of(0), "expires_at": now() + 3600});
+    let d = Daemon::builder()
+        .config(&cfg)
+        .file("state/llmd/oauth/work.json", &bundle.to_string(), 0o600)
+        .start();
+    let script = format!(
+        "test \"$ANTHROPIC_AUTH_TOKEN\" = {} && echo token-ok; test -z \"$ANTHROPIC_API_KEY\" && echo no-key; printf '%s\\n' \"$ANTHROPIC_CUSTOM_HEADERS\" \"$ANTHROPIC_BASE_URL\" \"$LLMD_PROFILE\"",
+        access_of(0)
+    );
+    let o = d.llmctl(&["exec", "work", "--", "sh", "-c", &script]);
+    assert_eq!(
+        out(&o),
+        "token-ok\nno-key\nanthropic-beta: oauth-2025-04-20\nhttp://127.0.0.1:9/\nwork\n",
+        "{}",
+        err(&o)
+    );
+    let o = d.llmctl(&["exec", "work", "--", "/nonexistent/cmd"]);
+    assert_eq!(o.status.code(), Some(127));
 }
