@@ -191,7 +191,11 @@ async fn local_mistakes_are_not_upstream_failures() {
     let c = d.client().await;
     // The setup-token hint names --setup-token, in status and in the token error.
     let o = d.llmctl(&["token", "st"]);
-    assert!(err(&o).contains("llmctl set-key st --setup-token"), "{}", err(&o));
+    assert!(
+        err(&o).contains("llmctl set-key st --setup-token"),
+        "{}",
+        err(&o)
+    );
     assert!(out(&d.llmctl(&["status"])).contains("--setup-token"));
     // set-key on a setup-token profile names --setup-token.
     let o = d.llmctl_stdin(&["set-key", "st"], "sk-ant-oat01-xxxx\n");
@@ -758,4 +762,30 @@ async fn exec_with_an_oauth_login_sets_the_beta_header() {
     );
     let o = d.llmctl(&["exec", "work", "--", "/nonexistent/cmd"]);
     assert_eq!(o.status.code(), Some(127));
+}
+
+// Deliver 6: a provider whose certificate comes from a CA in the system's trust store (as a
+// corporate TLS proxy's does) is reachable; the same CA outside it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_certificates_are_checked_against_the_system_roots() {
+    let tls = llmd_tests::fake_tls::FakeTls::start().await;
+    let cfg = format!(
+        "[profiles.corp]\nprovider = \"openai-compat\"\nauth = \"api-key\"\napi_key_env = \"T_OAI\"\nbase_url = \"{}\"\ndefault_model = \"m\"\n",
+        tls.base_url()
+    );
+    // Without the CA: refused, and the error says it is the provider that failed.
+    let d = Daemon::builder().config(&cfg).env("T_OAI", "sk-o").start();
+    let o = d.llmctl(&["chat", "corp", "--json", "hi"]);
+    assert_eq!(o.status.code(), Some(6), "{}", err(&o));
+    drop(d);
+    // With the CA in the system store (SSL_CERT_FILE is how rustls-native-certs finds it).
+    let d = Daemon::builder()
+        .config(&cfg)
+        .env("T_OAI", "sk-o")
+        .file("ca.pem", &tls.ca_pem, 0o644)
+        .env("SSL_CERT_FILE", "{home}/ca.pem")
+        .start();
+    let o = d.llmctl(&["chat", "corp", "--json", "hi"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains("tls ok"), "{}", out(&o));
 }
