@@ -92,6 +92,9 @@ pub fn open_browser(cmd: &str, url: &str) -> Result<(), String> {
 /// `None` asks when someone is at a terminal and a browser is available.
 pub fn offer_browser(url: &str, choice: Option<bool>) {
     let Some(cmd) = browser() else {
+        if choice == Some(true) {
+            eprintln!("llmctl: no browser found (set $BROWSER); open the URL by hand");
+        }
         return;
     };
     let open = match choice {

@@ -586,6 +586,8 @@ async fn logout_removes_an_oauth_bundle() {
         .unwrap()
         .ends_with("oauth/work.json"));
     assert!(!d.home.join("state/llmd/oauth/work.json").exists());
+    let o = d.llmctl(&["token", "work"]);
+    assert_eq!(o.status.code(), Some(5), "the login is gone: {}", out(&o));
 }
 
 /// The `script` command (util-linux) runs a command on a pseudo-terminal; these tests are

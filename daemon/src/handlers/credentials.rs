@@ -6,6 +6,7 @@ use crate::credentials::{setup_token, store};
 use crate::secret::Secret;
 use llmd_proto::methods::{
     event_kinds, CredentialsRemoveResult, CredentialsSetParams, Empty, Event, ProfileParams,
+    ProfileState,
 };
 use llmd_proto::RpcError;
 use serde_json::value::RawValue;
@@ -69,7 +70,7 @@ pub fn set(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
 
 /// Removes what llmd stored for a profile: its stored key or setup-token and, for an
 /// OAuth profile, the bundle llmd keeps. Claude Code's own login file is never touched.
-pub fn remove(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
+pub async fn remove(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: ProfileParams = parse(params)?;
     let profile = ctx.daemon.profile(&p.profile)?;
     let state_dir = ctx.daemon.registry().state_dir.clone();
@@ -97,9 +98,16 @@ pub fn remove(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     }
     tracing::info!(profile = %p.profile, files = removed.len(), "stored credentials removed");
     ctx.daemon.rebuild_profile(&p.profile);
-    if let Some(login) = ctx.daemon.profile(&p.profile)?.login() {
-        // The login task re-reads its (now absent) file and drops the tokens it held.
+    let rebuilt = ctx.daemon.profile(&p.profile)?;
+    if let Some(login) = rebuilt.login() {
+        // The login task re-reads its (now absent) file and drops the tokens it held; wait
+        // (bounded) until it has, so a `token` right after the answer is not served the
+        // removed login from memory.
         login.source_changed();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while login.snapshot().state == ProfileState::Ok && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
     announce(ctx, &p.profile);
     ok(&CredentialsRemoveResult { removed })

@@ -47,7 +47,7 @@ pub async fn dispatch(
         names::RELOAD => reload::handle(ctx, params),
         names::SUBSCRIBE => subscribe::handle(ctx, params),
         names::CREDENTIALS_SET => credentials::set(ctx, params),
-        names::CREDENTIALS_REMOVE => credentials::remove(ctx, params),
+        names::CREDENTIALS_REMOVE => credentials::remove(ctx, params).await,
         names::LOGIN_START => login::start(ctx, params).await,
         names::LOGIN_FINISH => login::finish(ctx, params).await,
         names::CHAT => chat::chat(ctx, id, params).await,
