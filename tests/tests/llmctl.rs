@@ -791,3 +791,38 @@ async fn provider_certificates_are_checked_against_the_system_roots() {
     assert!(o.status.success(), "{}", err(&o));
     assert!(out(&o).contains("tls ok"), "{}", out(&o));
 }
+
+// Findings 5 and 9 (docs): the service reads its keys from ~/.config/llmd/env, and the README
+// gives a new user what the issue found missing.
+#[test]
+fn unit_and_readme_give_a_new_user_the_way_in() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let unit = std::fs::read_to_string(format!("{root}/systemd/llmd.service")).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "EnvironmentFile=-%E/llmd/env"),
+        "the service has a keys file"
+    );
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    for needle in [
+        "~/.config/llmd/env",
+        "systemctl --user edit llmd",
+        "LLMD_LOG",
+        "cargo install --locked --path daemon && cargo install --locked --path cli",
+        "## Troubleshooting",
+        "llmctl doctor",
+        "Anthropic's terms",
+        "HTTPS_PROXY",
+        "llmctl exec work -- my-agent",
+    ] {
+        assert!(readme.contains(needle), "README lacks {needle:?}");
+    }
+    // The socat example is one line (a line break ends a request) with -t for streams.
+    let socat: Vec<&str> = readme.lines().filter(|l| l.contains("socat -")).collect();
+    assert!(!socat.is_empty());
+    for l in socat {
+        assert!(l.starts_with("echo '{") && l.contains("socat -t "), "{l}");
+    }
+    assert!(!readme.contains("ANTHROPIC_AUTH_TOKEN=$(llmctl token work) my-agent"));
+    assert!(!readme.contains("-p llmd-client --bin llmctl"));
+}
