@@ -512,12 +512,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 ))
                 .map_err(|e| Fail::other(format!("cannot read the {what}: {e}")))?
             } else {
-                let mut s = String::new();
-                std::io::stdin()
-                    .take(64 * 1024)
-                    .read_to_string(&mut s)
-                    .map_err(|e| Fail::other(format!("cannot read stdin: {e}")))?;
-                s
+                read_stdin(SECRET_LIMIT, "a key")?
             };
             let secret = secret.trim();
             if secret.is_empty() {
@@ -637,11 +632,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
             texts,
         } => {
             let input = if texts.is_empty() {
-                let mut text = String::new();
-                std::io::stdin()
-                    .take(16 * 1024 * 1024)
-                    .read_to_string(&mut text)
-                    .map_err(|e| Fail::other(format!("cannot read stdin: {e}")))?;
+                let text = read_stdin(EMBED_INPUT_LIMIT, "embedding input")?;
                 text.lines()
                     .filter(|l| !l.trim().is_empty())
                     .map(str::to_owned)
@@ -734,6 +725,27 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Completions { .. } | Cmd::Env | Cmd::Doctor { .. } => {}
     }
     Ok(code::OK)
+}
+
+/// Most bytes `set-key` reads from stdin: far above any key, far below a mistake.
+const SECRET_LIMIT: u64 = 64 * 1024;
+/// Most bytes `embed` reads from stdin.
+const EMBED_INPUT_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// All of stdin, refusing more than `limit` bytes instead of cutting it silently.
+fn read_stdin(limit: u64, what: &str) -> Result<String, Fail> {
+    let mut s = String::new();
+    std::io::stdin()
+        .take(limit + 1)
+        .read_to_string(&mut s)
+        .map_err(|e| Fail::other(format!("cannot read stdin: {e}")))?;
+    if s.len() as u64 > limit {
+        return Err(Fail::usage(format!(
+            "more than {} KiB on stdin: too much for {what}",
+            limit / 1024
+        )));
+    }
+    Ok(s)
 }
 
 /// `'…'` for a POSIX shell.
