@@ -65,7 +65,14 @@ fn check_config(cfg: &config::Config, source: &config::ConfigSource) -> Result<(
             println!("  {name}: {} from {what}", p.auth);
         } else {
             missing += 1;
-            println!("  {name}: MISSING {} ({what} is not set)", p.auth);
+            let why = match s.kind.as_str() {
+                "env" => format!("{what} is not set"),
+                "bundle" | "claude-cli" => {
+                    format!("{what} does not exist yet: run `llmctl login {name}`")
+                }
+                _ => format!("{what} is missing, empty or unreadable"),
+            };
+            println!("  {name}: MISSING {} ({why})", p.auth);
         }
     }
     if missing > 0 {
