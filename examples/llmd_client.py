@@ -41,9 +41,21 @@ class Llmd:
 
 
 def main():
-    client = Llmd(socket_path())
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stderr)
+        sys.exit(2)
+    path = socket_path()
+    try:
+        client = Llmd(path)
+    except OSError as e:
+        print(f"llmd_client.py: cannot connect to llmd at {path}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(3)
     hello = client.call("hello", {"client": "llmd_client.py", "version": "1"})
-    token = client.call("token", {"profile": sys.argv[1]})
+    try:
+        token = client.call("token", {"profile": sys.argv[1]})
+    except RuntimeError as e:
+        print(f"llmd_client.py: {e}", file=sys.stderr)
+        sys.exit(1)
     print(json.dumps({"server": hello["server"], "headers": token["headers"]}))
 
 

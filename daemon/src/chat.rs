@@ -71,8 +71,10 @@ pub async fn execute(
         .or_else(|| profile.config.default_model.clone())
         .ok_or_else(|| {
             RpcError::invalid_params(format!(
-                "`request.model` is missing and profile `{}` has no `default_model`",
-                profile.name
+                "`request.model` is missing and profile `{}` has no `default_model`: \
+                 name one (`llmctl chat {} -m MODEL`, or `model` in the request) or set \
+                 `default_model` under [profiles.{}] in the config",
+                profile.name, profile.name, profile.name
             ))
         })?;
     let defs: Vec<ToolDef> = tools.iter().map(|t| t.def.clone()).collect();

@@ -87,6 +87,15 @@ impl Provider {
     }
 
     /// The environment variable read for an API key when the profile names none.
+    /// Every provider, in the order `status` lists their key variables.
+    pub const ALL: [Provider; 4] = [
+        Provider::Anthropic,
+        Provider::OpenaiCompat,
+        Provider::Gemini,
+        Provider::Minimax,
+    ];
+
+    /// The standard environment variable holding this provider's API key.
     pub fn default_key_env(self) -> &'static str {
         match self {
             Provider::Anthropic => "ANTHROPIC_API_KEY",
@@ -307,21 +316,56 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             e.message().trim()
         ))
     })?;
-    validate(&cfg).map_err(|(profile, key, msg)| {
-        let line = profile
-            .as_deref()
-            .and_then(|p| find_key_line(text, p, key))
-            .unwrap_or(1);
-        let name = match profile {
-            Some(p) => format!("profiles.{p}.{key}"),
-            None => format!("daemon.{key}"),
-        };
-        ConfigError(format!("{}:{line}: `{name}`: {msg}", path.display()))
-    })?;
+    let mut cfg = cfg;
+    expand_paths(&mut cfg)
+        .and_then(|()| validate(&cfg))
+        .map_err(|(profile, key, msg)| {
+            let line = profile
+                .as_deref()
+                .and_then(|p| find_key_line(text, p, key))
+                .unwrap_or(1);
+            let name = match profile {
+                Some(p) => format!("profiles.{p}.{key}"),
+                None => format!("daemon.{key}"),
+            };
+            ConfigError(format!("{}:{line}: `{name}`: {msg}", path.display()))
+        })?;
     Ok(cfg)
 }
 
 type Invalid = (Option<String>, &'static str, String);
+
+/// Expands `~` and `$VAR` in every path setting, as the README's examples assume.
+fn expand_paths(cfg: &mut Config) -> Result<(), Invalid> {
+    fn one(
+        profile: Option<&str>,
+        key: &'static str,
+        slot: &mut Option<PathBuf>,
+    ) -> Result<(), Invalid> {
+        if let Some(p) = slot.as_ref() {
+            let raw = p.to_string_lossy().into_owned();
+            let expanded = llmd_proto::paths::expand_path(&raw)
+                .map_err(|e| (profile.map(str::to_owned), key, e))?;
+            if !expanded.is_absolute() {
+                return Err((
+                    profile.map(str::to_owned),
+                    key,
+                    format!("`{raw}` is not an absolute path (`~` and `$VAR` are expanded)"),
+                ));
+            }
+            *slot = Some(expanded);
+        }
+        Ok(())
+    }
+    one(None, "socket", &mut cfg.daemon.socket)?;
+    one(None, "state_dir", &mut cfg.daemon.state_dir)?;
+    for (name, p) in cfg.profiles.iter_mut() {
+        one(Some(name), "api_key_file", &mut p.api_key_file)?;
+        one(Some(name), "bundle", &mut p.bundle)?;
+        one(Some(name), "claude_config_dir", &mut p.claude_config_dir)?;
+    }
+    Ok(())
+}
 
 fn validate(cfg: &Config) -> Result<(), Invalid> {
     let d = &cfg.daemon;

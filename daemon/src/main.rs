@@ -53,15 +53,47 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--check-config`: the file parses, and every profile has a credential this environment
+/// can see (a profile without one would only fail later, on its first request).
+fn check_config(cfg: &config::Config, source: &config::ConfigSource) -> Result<(), String> {
+    let state_dir = config::state_dir(&cfg.daemon);
+    let mut missing = 0;
+    for (name, p) in &cfg.profiles {
+        let s = llmd::profile::credential_source(name, p, &state_dir);
+        let what = format!("{} {}", s.kind, s.location);
+        if s.present {
+            println!("  {name}: {} from {what}", p.auth);
+        } else {
+            missing += 1;
+            let why = match s.kind.as_str() {
+                "env" => format!("{what} is not set"),
+                "bundle" | "claude-cli" => {
+                    format!("{what} does not exist yet: run `llmctl login {name}`")
+                }
+                _ => format!("{what} is missing, empty or unreadable"),
+            };
+            println!("  {name}: MISSING {} ({why})", p.auth);
+        }
+    }
+    if missing > 0 {
+        return Err(format!(
+            "{source}: parses, but {missing} of {} profiles have no credential in this environment",
+            cfg.profiles.len()
+        ));
+    }
+    println!("{source}: ok ({} profiles)", cfg.profiles.len());
+    Ok(())
+}
+
 async fn run(args: Args, manager: Manager) -> Result<(), String> {
     let (config_path, explicit) = config::config_path(args.config);
     let (cfg, source) = config::load(&config_path, explicit).map_err(|e| e.0)?;
     if args.check_config {
-        println!("{source}: ok ({} profiles)", cfg.profiles.len());
-        return Ok(());
+        return check_config(&cfg, &source);
     }
     let socket = llmd_proto::paths::resolve_socket_path(args.socket, cfg.daemon.socket.clone());
     let grace = Duration::from_secs(cfg.daemon.shutdown_grace_secs);
+    let signals = systemd::Signals::catch()?;
     let (listener, shown, probe_address) = match listener::from_systemd()? {
         Some((l, addr)) => {
             let shown = listener::describe(&addr);
@@ -79,6 +111,7 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
     tracing::info!(socket = %shown, config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));
 
     systemd::handle_signals(
+        signals,
         daemon.clone(),
         manager.notifier.clone(),
         shown.clone(),

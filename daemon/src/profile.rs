@@ -10,7 +10,9 @@ use crate::ratelimit::RateLimiter;
 use crate::refresh::{Force, LoginHandle, LoginSpec, Settings};
 use crate::secret::Secret;
 use crate::sync::lock;
-use llmd_proto::methods::{Event, Limits, ProfileState, ProfileStatus, TokenResult};
+use llmd_proto::methods::{
+    CredentialSource, Event, Limits, ProfileState, ProfileStatus, TokenResult,
+};
 use llmd_proto::{ErrorKind, RpcError};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -189,11 +191,12 @@ impl Profile {
         Ok(match &self.credential {
             Credential::Static(Ok(k)) => (k.clone(), None),
             Credential::Static(Err(why)) => {
+                // Nothing is configured or found: not a dead login, so not `needs_login`.
                 return Err(RpcError::new(
-                    ErrorKind::NeedsLogin,
+                    ErrorKind::MissingCredential,
                     format!("profile `{}`: {why}", self.name),
                 )
-                .with("profile", self.name.as_str()))
+                .with("profile", self.name.as_str()));
             }
             Credential::Login(h) => h.token(min_valid, force).await?,
         })
@@ -222,6 +225,9 @@ impl Profile {
             refresh_count: 0,
             last_error: None,
             limits: None,
+            source: None,
+            base_url: Some(self.base_url().to_owned()),
+            default_model: self.config.default_model.clone(),
         };
         match &self.credential {
             Credential::Static(Ok(_)) => {}
@@ -274,6 +280,72 @@ impl Profile {
     }
 }
 
+/// Where `name`'s credential comes from, in the order the loaders try them (see
+/// [`api_key::load`] and `load_setup_token`): the first present source wins, and the ones
+/// it shadows are named so `status` can say a stored key hides an environment variable.
+pub fn credential_source(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> CredentialSource {
+    let file = |kind: &str, path: &Path| {
+        let meta = std::fs::metadata(path).ok();
+        CredentialSource {
+            kind: kind.into(),
+            location: path.display().to_string(),
+            // Present means usable by this daemon: there, not empty, and readable.
+            present: meta.as_ref().is_some_and(|m| m.is_file() && m.len() > 0)
+                && std::fs::File::open(path).is_ok(),
+            mode: meta.map(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode() & 0o7777
+            }),
+            shadowed: Vec::new(),
+        }
+    };
+    let mut candidates = match cfg.auth {
+        AuthKind::ApiKey | AuthKind::SetupToken => {
+            let stored_kind = if cfg.auth == AuthKind::ApiKey {
+                store::Kind::ApiKey
+            } else {
+                store::Kind::SetupToken
+            };
+            let mut v = vec![file("stored", &store::path(state_dir, name, stored_kind))];
+            if let Some(p) = &cfg.api_key_file {
+                v.push(file("file", p));
+            } else {
+                let var = cfg.api_key_env.as_deref().unwrap_or(match cfg.auth {
+                    AuthKind::SetupToken => "CLAUDE_CODE_OAUTH_TOKEN",
+                    _ => cfg.provider.default_key_env(),
+                });
+                v.push(CredentialSource {
+                    kind: "env".into(),
+                    location: var.into(),
+                    present: std::env::var(var).is_ok_and(|v| !v.trim().is_empty()),
+                    ..Default::default()
+                });
+            }
+            v
+        }
+        AuthKind::Oauth | AuthKind::ClaudeCli => {
+            let kind = if cfg.auth == AuthKind::Oauth {
+                "bundle"
+            } else {
+                "claude-cli"
+            };
+            vec![file(kind, &login_source(name, cfg, state_dir).0.path())]
+        }
+    };
+    let win = candidates.iter().position(|c| c.present).unwrap_or(
+        // Nothing is present: name the source the user is most likely to fill.
+        candidates.len() - 1,
+    );
+    let shadowed: Vec<String> = candidates[win + 1..]
+        .iter()
+        .filter(|c| c.present)
+        .map(|c| format!("{} {}", c.kind, c.location))
+        .collect();
+    let mut chosen = candidates.swap_remove(win);
+    chosen.shadowed = shadowed;
+    chosen
+}
+
 fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result<Secret, String> {
     if let Some(t) = store::read(state_dir, name, store::Kind::SetupToken)? {
         return setup_token::validate(t.expose());
@@ -287,7 +359,7 @@ fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result
         .unwrap_or("CLAUDE_CODE_OAUTH_TOKEN");
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => setup_token::validate(&v),
-        _ => Err(format!("no setup-token: set {var} or run `llmctl set-key {name}` with the output of `claude setup-token`")),
+        _ => Err(format!("no setup-token: set {var} in llmd's environment, or run `claude setup-token` and store its output with `llmctl set-key {name} --setup-token`")),
     }
 }
 

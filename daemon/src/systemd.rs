@@ -88,20 +88,42 @@ pub fn serving_status(profiles: usize, socket: &str) -> String {
     format!("Serving {profiles} {noun} on {socket}")
 }
 
+/// SIGTERM, SIGINT and SIGHUP streams, created before the socket is bound so that a
+/// signal sent as soon as the socket answers is queued, not fatal (the default action).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching the signals.
+    pub fn catch() -> Result<Signals, String> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())
+                .map_err(|e| format!("cannot handle SIGTERM: {e}"))?,
+            int: signal(SignalKind::interrupt())
+                .map_err(|e| format!("cannot handle SIGINT: {e}"))?,
+            hup: signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?,
+        })
+    }
+}
+
 /// Runs the daemon's life cycle on signals and tells systemd each step: SIGHUP reloads
 /// (`RELOADING=1`, then `READY=1` with the outcome, also when the new config is refused),
 /// SIGTERM and SIGINT stop (`STOPPING=1`, then the daemon's shutdown starts).
 pub fn handle_signals(
+    signals: Signals,
     daemon: Arc<Daemon>,
     notifier: Arc<Notifier>,
     socket: String,
     grace: Duration,
 ) -> Result<(), String> {
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     tokio::spawn(async move {
         loop {
             tokio::select! {

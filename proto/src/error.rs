@@ -36,6 +36,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The request was cancelled.
     Cancelled,
+    /// No key or token is configured or found for the profile (not a dead login).
+    MissingCredential,
 }
 
 impl ErrorKind {
@@ -55,6 +57,7 @@ impl ErrorKind {
             ErrorKind::Busy => -32006,
             ErrorKind::PermissionDenied => -32007,
             ErrorKind::Cancelled => -32008,
+            ErrorKind::MissingCredential => -32009,
         }
     }
 
@@ -75,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::MissingCredential => "missing_credential",
         }
     }
 
@@ -98,6 +102,7 @@ impl ErrorKind {
             -32006 => ErrorKind::Busy,
             -32007 => ErrorKind::PermissionDenied,
             -32008 => ErrorKind::Cancelled,
+            -32009 => ErrorKind::MissingCredential,
             _ => ErrorKind::Internal,
         }
     }
@@ -205,6 +210,7 @@ mod tests {
             (ErrorKind::Busy, -32006, "busy"),
             (ErrorKind::PermissionDenied, -32007, "permission_denied"),
             (ErrorKind::Cancelled, -32008, "cancelled"),
+            (ErrorKind::MissingCredential, -32009, "missing_credential"),
         ];
         for (kind, code, name) in table {
             assert_eq!(kind.code(), code);

@@ -26,6 +26,8 @@ pub mod names {
     pub const LOGIN_START: &str = "login.start";
     /// `login.finish`
     pub const LOGIN_FINISH: &str = "login.finish";
+    /// `credentials.remove`
+    pub const CREDENTIALS_REMOVE: &str = "credentials.remove";
     /// Notification carrying an [`super::Event`].
     pub const EVENT: &str = "event";
     /// `chat`
@@ -113,6 +115,36 @@ pub struct ProfileStatus {
     /// Shared rate-limit state of the profile's chat traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Where the credential comes from (the source that wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<CredentialSource>,
+    /// The provider base URL requests go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// The model used when a request names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_model: Option<String>,
+}
+
+/// Where a profile's credential comes from. Precedence (first present wins): for api-key
+/// and setup-token profiles a secret stored by `credentials.set`, then `api_key_file`,
+/// then the environment variable; OAuth profiles read their bundle, claude-cli profiles
+/// Claude Code's `.credentials.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialSource {
+    /// `stored`, `file`, `env`, `bundle` or `claude-cli`.
+    pub kind: String,
+    /// The file path or the variable name.
+    pub location: String,
+    /// Whether the source currently holds something.
+    pub present: bool,
+    /// Permission bits of the file, for file sources that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Lower-precedence sources that are also set and lose to this one
+    /// (e.g. `env ANTHROPIC_API_KEY` under a stored key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadowed: Vec<String>,
 }
 
 /// Queue and remaining budget of a profile.
@@ -149,6 +181,16 @@ pub struct StatusResult {
     pub agents: Vec<String>,
     /// Every configured profile.
     pub profiles: Vec<ProfileStatus>,
+    /// Which providers' standard key variables are set in the daemon's environment
+    /// (names only).
+    #[serde(default)]
+    pub env_keys: Vec<String>,
+    /// The config file in use, or `embedded default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// The folder holding stored keys and bundles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
 }
 
 /// Params naming one profile (`refresh`, `login.start`).
@@ -253,6 +295,13 @@ impl fmt::Debug for CredentialsSetParams {
 pub struct LoginStartResult {
     /// The URL the user opens in a browser.
     pub url: String,
+    /// For a user-code login (MiniMax): the code the page asks for. The client then calls
+    /// `login.finish` with this code and no paste: the daemon polls until approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
+    /// Unix seconds after which the user code is no longer accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 /// `login.finish` params.
@@ -261,7 +310,9 @@ pub struct LoginStartResult {
 pub struct LoginFinishParams {
     /// Profile name.
     pub profile: String,
-    /// What the authorize page showed (`code#state`, or the bare code).
+    /// What the authorize page showed (`code#state`, or the bare code); for a user-code
+    /// login, the `user_code` from `login.start`.
+    #[serde(default)]
     pub code: String,
 }
 
@@ -304,6 +355,13 @@ pub struct Event {
     /// Why, for error states.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// `credentials.remove` result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CredentialsRemoveResult {
+    /// Files llmd removed (stored key, setup-token, OAuth bundle).
+    pub removed: Vec<String>,
 }
 
 /// An empty object result (`{}`).

@@ -36,9 +36,79 @@ pub fn resolve_socket_path(explicit: Option<PathBuf>, from_config: Option<PathBu
         .unwrap_or_else(default_socket_path)
 }
 
+/// Expands a leading `~` (or `~/`) to `$HOME` and every `$VAR` / `${VAR}` to its value,
+/// as a shell would for a path setting. An unset or empty variable is an error that names
+/// it: a path that silently lost a part would point somewhere unexpected.
+pub fn expand_path(raw: &str) -> Result<PathBuf, String> {
+    expand_with(raw, &|name| {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    })
+}
+
+fn expand_with(raw: &str, var: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, String> {
+    let mut out = String::with_capacity(raw.len());
+    let rest = if raw == "~" || raw.starts_with("~/") {
+        out.push_str(&var("HOME").ok_or("`~` needs HOME to be set")?);
+        &raw[1..]
+    } else {
+        raw
+    };
+    let mut chars = rest.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let after = &rest[i + 1..];
+        let (name, used) = if let Some(inner) = after.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| format!("`${{` without a closing `}}` in `{raw}`"))?;
+            (&inner[..end], end + 2)
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], end)
+        };
+        if name.is_empty() {
+            out.push('$');
+            continue;
+        }
+        out.push_str(&var(name).ok_or_else(|| format!("`${name}` is not set"))?);
+        for _ in 0..used {
+            chars.next();
+        }
+    }
+    Ok(PathBuf::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expands_home_and_variables() {
+        let env = |n: &str| match n {
+            "HOME" => Some("/home/u".to_string()),
+            "XDG_RUNTIME_DIR" => Some("/run/user/5".to_string()),
+            _ => None,
+        };
+        let x = |s| expand_with(s, &env);
+        assert_eq!(
+            x("~/.local/state/llmd").unwrap(),
+            PathBuf::from("/home/u/.local/state/llmd")
+        );
+        assert_eq!(x("~").unwrap(), PathBuf::from("/home/u"));
+        assert_eq!(
+            x("$XDG_RUNTIME_DIR/llmd.sock").unwrap(),
+            PathBuf::from("/run/user/5/llmd.sock")
+        );
+        assert_eq!(x("${HOME}x/y").unwrap(), PathBuf::from("/home/ux/y"));
+        assert_eq!(x("/a/~b/$").unwrap(), PathBuf::from("/a/~b/$"));
+        assert!(x("$NOPE/x").unwrap_err().contains("NOPE"));
+        assert!(x("${HOME").is_err());
+    }
 
     #[test]
     fn runtime_dir_or_tmp() {

@@ -347,6 +347,17 @@ impl Daemon {
             .expect("run llmctl")
     }
 
+    /// An `llmctl` command in this daemon's environment but without `LLMD_SOCKET`, for
+    /// tests of how llmctl finds the socket.
+    pub fn llmctl_command(&self) -> Command {
+        self.command("llmctl")
+    }
+
+    /// An `llmd` command in this daemon's environment (for `--check-config`, `--socket`).
+    pub fn llmd_command(&self) -> Command {
+        self.command("llmd")
+    }
+
     /// Runs `llmctl` with `stdin` piped in.
     pub fn llmctl_stdin(&self, args: &[&str], stdin: &str) -> Output {
         use std::io::Write;

@@ -3,7 +3,10 @@
 //! `invalid_grant` for a refresh token that was already used.
 //!
 //! Anthropic's shape: `POST /v1/oauth/token` with a JSON body, answer with `expires_in`.
-//! MiniMax's shape: `POST /oauth/token` form-encoded, answer with `expired_in`.
+//! MiniMax's shape: `POST /oauth/token` form-encoded, answer with `expired_in`; its login
+//! is a user-code flow with PKCE: `POST /oauth/code` hands out a `user_code`, and
+//! `grant_type=urn:ietf:params:oauth:grant-type:user_code` polls answer `pending` until the
+//! user approved, then `status: "success"` with tokens.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -62,6 +65,10 @@ pub struct Inner {
     pub answer_delay: Duration,
     /// Woken each time a refresh answer leaves the handler.
     pub answered: Arc<tokio::sync::Notify>,
+    /// MiniMax user codes handed out: code -> (PKCE challenge, polls left before approval).
+    pub user_codes: HashMap<String, (String, u32)>,
+    /// How many polls of a new user code answer "pending" before it counts as approved.
+    pub polls_before_approval: u32,
 }
 
 /// A running fake token endpoint.
@@ -99,10 +106,13 @@ impl FakeOAuth {
             requests: Vec::new(),
             answer_delay: Duration::ZERO,
             answered: Arc::new(tokio::sync::Notify::new()),
+            user_codes: HashMap::new(),
+            polls_before_approval: 1,
         }));
         let app = Router::new()
             .route("/v1/oauth/token", post(token_json))
             .route("/oauth/token", post(token_form))
+            .route("/oauth/code", post(user_code_form))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -191,6 +201,100 @@ async fn token_form(
     answer(inner, headers, Value::Object(obj), "expired_in").await
 }
 
+fn form_of(body: &[u8]) -> Value {
+    let mut obj = serde_json::Map::new();
+    for pair in String::from_utf8_lossy(body).split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        obj.insert(decode(k), Value::String(decode(v)));
+    }
+    Value::Object(obj)
+}
+
+/// MiniMax's `/oauth/code`: checks the PKCE request and hands out a user code.
+async fn user_code_form(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> Response {
+    let form = form_of(&body);
+    let f = |k: &str| form.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let mut s = inner.lock().unwrap_or_else(|p| p.into_inner());
+    s.requests.push((form.clone(), String::new()));
+    let ok = f("response_type") == "code"
+        && f("client_id") == "78257093-7e40-4613-99e0-527b14b39113"
+        && f("scope") == "group_id profile model.completion"
+        && f("code_challenge_method") == "S256"
+        && f("code_challenge").len() >= 43
+        && !f("state").is_empty();
+    if !ok {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(
+                json!({"base_resp": {"status_code": 1004, "status_msg": "bad code request"}}),
+            ),
+        )
+            .into_response();
+    }
+    let user_code = format!("MMCODE-{}", s.user_codes.len() + 1);
+    let polls = s.polls_before_approval;
+    s.user_codes
+        .insert(user_code.clone(), (f("code_challenge"), polls));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    (
+        StatusCode::OK,
+        axum::Json(json!({
+            "user_code": user_code,
+            "verification_uri": format!("https://fake-minimax.invalid/oauth/authorize?user_code={user_code}"),
+            "expired_in": now_ms + 600_000,
+            "interval": 100,
+            "state": f("state"),
+        })),
+    )
+        .into_response()
+}
+
+/// The user-code grant: "pending" until the code's polls run out, then tokens, once.
+fn user_code_grant(s: &mut Inner, body: &Value) -> Response {
+    use base64::Engine;
+    use sha2::Digest;
+    let f = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let code = f("user_code");
+    let Some((challenge, polls)) = s.user_codes.get_mut(&code) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(
+                json!({"base_resp": {"status_code": 1004, "status_msg": "unknown user code"}}),
+            ),
+        )
+            .into_response();
+    };
+    let verified = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(f("code_verifier").as_bytes()));
+    if verified != *challenge || f("client_id") != "78257093-7e40-4613-99e0-527b14b39113" {
+        return (StatusCode::OK, axum::Json(json!({"status": "error"}))).into_response();
+    }
+    if *polls > 0 {
+        *polls -= 1;
+        return (StatusCode::OK, axum::Json(json!({"status": "pending"}))).into_response();
+    }
+    s.user_codes.remove(&code);
+    s.generation += 1;
+    s.valid_refresh = refresh_of(s.generation);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    (
+        StatusCode::OK,
+        axum::Json(json!({
+            "status": "success",
+            "token_type": "Bearer",
+            "access_token": access_of(s.generation),
+            "refresh_token": refresh_of(s.generation),
+            "expired_in": now_ms + s.lifetime_secs * 1000,
+            "resource_url": "https://api.minimax.io",
+        })),
+    )
+        .into_response()
+}
+
 fn decode(s: &str) -> String {
     let bytes = s.replace('+', " ").into_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -251,6 +355,9 @@ async fn answer(
 
 fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Response {
     let grant = body.get("grant_type").and_then(Value::as_str).unwrap_or("");
+    if grant == "urn:ietf:params:oauth:grant-type:user_code" {
+        return user_code_grant(s, body);
+    }
     if grant == "authorization_code" {
         let code = body.get("code").and_then(Value::as_str).unwrap_or("");
         if s.codes.remove(code).is_none() {

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod fake_oauth;
 pub mod fake_providers;
+pub mod fake_tls;
 pub mod raw;
 
 pub use daemon::{bin_path, Daemon, DaemonBuilder};

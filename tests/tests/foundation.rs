@@ -393,7 +393,7 @@ async fn llmctl_token_prints_exactly_the_token() {
     assert_eq!(out.stdout, b"AIza-gemini-testkey\n");
     assert!(out.stderr.is_empty());
     let out = d.llmctl(&["token", "ghost"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "exit 4: unknown profile");
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown profile `ghost`"), "{err}");
@@ -434,7 +434,7 @@ async fn llmctl_without_daemon_says_how_to_start_it() {
     let mut d = four();
     d.stop();
     let out = d.llmctl(&["status"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "exit 3: llmd not reachable");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("llmd is not running on") && err.contains("start it with"),

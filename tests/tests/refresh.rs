@@ -614,7 +614,8 @@ async fn set_key_and_setup_token_come_from_stdin_and_are_stored_private() {
     let c = d.client().await;
     assert_eq!(
         c.token("k", None).await.unwrap_err().rpc().unwrap().kind(),
-        ErrorKind::NeedsLogin
+        ErrorKind::MissingCredential,
+        "a key that was never there is not a dead login"
     );
     let out = d.llmctl_stdin(&["set-key", "k"], "sk-stored-key\n");
     assert!(out.status.success(), "{out:?}");

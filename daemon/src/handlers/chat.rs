@@ -63,6 +63,14 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         return Err(RpcError::invalid_params("`input` is empty"));
     }
     let profile = ctx.daemon.profile(&p.profile)?;
+    if profile.config.provider == crate::config::Provider::Anthropic {
+        // Known before any request: the caller picked the wrong profile, not a provider failure.
+        return Err(RpcError::invalid_params(format!(
+            "`profile`: `{}` is an Anthropic profile and Anthropic has no embeddings API; \
+             use an openai-compat, gemini or minimax profile",
+            p.profile
+        )));
+    }
     let token = profile.token(60, crate::refresh::Force::No).await?;
     let result = crate::providers::embed(
         profile.config.provider,

@@ -20,6 +20,27 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             .lock()
             .map(|a| a.values().cloned().collect())
             .unwrap_or_default(),
-        profiles: reg.profiles.values().map(|p| p.status()).collect(),
+        profiles: reg
+            .profiles
+            .values()
+            .map(|p| {
+                let mut s = p.status();
+                s.source = Some(crate::profile::credential_source(
+                    &p.name,
+                    &p.config,
+                    &reg.state_dir,
+                ));
+                s
+            })
+            .collect(),
+        env_keys: crate::config::Provider::ALL
+            .iter()
+            .map(|p| p.default_key_env())
+            .chain(["CLAUDE_CODE_OAUTH_TOKEN"])
+            .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+            .map(str::to_owned)
+            .collect(),
+        config: Some(reg.source.to_string()),
+        state_dir: Some(reg.state_dir.display().to_string()),
     })
 }

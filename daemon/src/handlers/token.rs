@@ -18,5 +18,18 @@ pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
 pub async fn refresh(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: ProfileParams = parse(params)?;
     let profile = ctx.daemon.profile(&p.profile)?;
+    if profile.login().is_none() {
+        // Answering with the unchanged key would read as "refreshed".
+        return Err(llmd_proto::RpcError::invalid_params(format!(
+            "`profile`: `{}` uses {} `{}`, which does not expire: there is nothing to refresh",
+            p.profile,
+            if profile.config.auth == crate::config::AuthKind::SetupToken {
+                "a setup-token"
+            } else {
+                "an API key"
+            },
+            profile.config.auth
+        )));
+    }
     profile.token_answer(0, Force::Always).await
 }

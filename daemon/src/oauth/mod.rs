@@ -2,6 +2,7 @@
 
 pub mod anthropic;
 pub mod minimax;
+pub mod minimax_login;
 pub mod pkce;
 
 use crate::credentials::{unix_now, Tokens};

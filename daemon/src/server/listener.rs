@@ -16,6 +16,17 @@ pub fn bind(path: &Path) -> Result<Listener, String> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .ok_or_else(|| format!("socket path {} has no folder", path.display()))?;
+    if let Some(why) = shared_folder(dir) {
+        // Never suggest tightening a folder others rely on (`chmod 700 /tmp` breaks every
+        // other user and service): point at a private folder of its own instead.
+        let uid = fsutil::current_uid();
+        return Err(format!(
+            "refusing to put the socket directly in {} ({why}); use a private folder of its own, \
+             e.g. --socket {}/llmd-{uid}/llmd.sock (llmd creates it with mode 0700)",
+            dir.display(),
+            dir.display()
+        ));
+    }
     fsutil::ensure_private_dir(dir).map_err(|e| format!("refusing to use socket folder: {e}"))?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
@@ -61,6 +72,21 @@ pub fn bind(path: &Path) -> Result<Listener, String> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot set mode of {}: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// Why `dir` is a folder shared with others (sticky, or writable by group/others while not
+/// ours), if it is one.
+fn shared_folder(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(dir).ok()?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o1000 != 0 {
+        return Some(format!("a shared folder, mode {mode:04o}"));
+    }
+    if meta.uid() != fsutil::current_uid() && mode & 0o022 != 0 {
+        return Some(format!("a folder other users can write, mode {mode:04o}"));
+    }
+    None
 }
 
 fn peer_pid(s: &UnixStream) -> Option<i32> {
