@@ -298,8 +298,21 @@ impl Daemon {
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
+            // Served, not just bound: the socket takes connections before the profiles
+            // are loaded, and a test that changes a login file right after the start must
+            // not race the first read.
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                use std::io::{BufRead, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let asked = s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"status\"}\n");
+                let mut line = String::new();
+                if asked.is_ok()
+                    && std::io::BufReader::new(s)
+                        .read_line(&mut line)
+                        .is_ok_and(|n| n > 0)
+                {
+                    return;
+                }
             }
             if let Some(status) = self
                 .child

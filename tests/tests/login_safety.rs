@@ -105,7 +105,7 @@ async fn a_bundle_that_cannot_be_saved_is_not_refreshed() {
     for _ in 0..2 {
         let e = c.refresh("work").await.unwrap_err();
         let e = e.rpc().unwrap();
-        assert_eq!(e.kind(), ErrorKind::RefreshFailed);
+        assert_eq!(e.kind(), ErrorKind::RefreshFailed, "{}", e.message);
         assert!(e.message.contains("could not be saved"), "{}", e.message);
     }
     assert_eq!(fake.refresh_calls(), 0, "the refresh token was never spent");
