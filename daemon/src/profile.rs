@@ -31,7 +31,7 @@ const CLAUDE_MIN_MARGIN: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub enum Credential {
     /// A key or setup-token read at load time (or why there is none).
-    Static(Result<Secret, String>),
+    Static(Result<Secret, credentials::KeyError>),
     /// An OAuth login with its refresh task.
     Login(LoginHandle),
 }
@@ -233,7 +233,7 @@ impl Profile {
             Credential::Static(Ok(_)) => {}
             Credential::Static(Err(e)) => {
                 s.state = ProfileState::Missing;
-                s.last_error = Some(e.clone());
+                s.last_error = Some(e.to_string());
             }
             Credential::Login(h) => {
                 let snap = h.snapshot();
@@ -346,7 +346,11 @@ pub fn credential_source(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> C
     chosen
 }
 
-fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result<Secret, String> {
+fn load_setup_token(
+    name: &str,
+    cfg: &ProfileConfig,
+    state_dir: &Path,
+) -> Result<Secret, credentials::KeyError> {
     if let Some(t) = store::read(state_dir, name, store::Kind::SetupToken)? {
         return setup_token::validate(t.expose());
     }
@@ -359,7 +363,10 @@ fn load_setup_token(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> Result
         .unwrap_or("CLAUDE_CODE_OAUTH_TOKEN");
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => setup_token::validate(&v),
-        _ => Err(format!("no setup-token: set {var} in llmd's environment, or run `claude setup-token` and store its output with `llmctl set-key {name} --setup-token`")),
+        _ => Err(credentials::KeyError::Missing {
+            what: "setup-token",
+            hint: format!("set {var} in llmd's environment, or run `claude setup-token` and store its output with `llmctl set-key {name} --setup-token`"),
+        }),
     }
 }
 

@@ -102,6 +102,40 @@ impl FileError {
     }
 }
 
+/// Why a static credential (an API key or setup-token) is not there or not usable. Texts
+/// never contain the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Nothing configured is set: no stored key, no key file, an empty variable.
+    #[error("no {what}: {hint}")]
+    Missing {
+        /// "API key" or "setup-token".
+        what: &'static str,
+        /// How to provide one.
+        hint: String,
+    },
+    /// A key file or stored key that cannot be read (bounded, regular files only).
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// A key file that holds nothing but white space.
+    #[error("key file {} is empty", .0.display())]
+    Empty(PathBuf),
+    /// A setup-token of the wrong shape.
+    #[error("{0}")]
+    Invalid(String),
+    /// The key store's folder could not be made or is not private.
+    #[error("{0}")]
+    Folder(String),
+    /// Storing failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
 /// The file an OAuth login lives in.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {

@@ -1,5 +1,6 @@
 //! Anthropic setup-tokens (`claude setup-token`): long-lived OAuth access tokens.
 
+use super::KeyError;
 use crate::secret::Secret;
 
 /// Prefix every setup-token carries.
@@ -8,26 +9,26 @@ pub const PREFIX: &str = "sk-ant-oat01-";
 pub const MIN_LEN: usize = 80;
 
 /// Checks the shape of a setup-token; the error never contains it.
-pub fn validate(token: &str) -> Result<Secret, String> {
+pub fn validate(token: &str) -> Result<Secret, KeyError> {
     let t = token.trim();
     if !t.starts_with(PREFIX) {
-        return Err(format!(
+        return Err(KeyError::Invalid(format!(
             "not a setup-token: it must start with `{PREFIX}` (run `claude setup-token`)"
-        ));
+        )));
     }
     if t.len() < MIN_LEN {
-        return Err(format!(
+        return Err(KeyError::Invalid(format!(
             "setup-token too short: {} characters, expected at least {MIN_LEN}",
             t.len()
-        ));
+        )));
     }
     if !t
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(
+        return Err(KeyError::Invalid(
             "setup-token contains characters other than letters, digits, `-` and `_`".into(),
-        );
+        ));
     }
     Ok(Secret::new(t))
 }
@@ -41,11 +42,12 @@ mod tests {
         let good = format!("{PREFIX}{}", "a".repeat(90));
         assert!(validate(&good).is_ok());
         assert!(validate(&format!("  {good}\n")).is_ok());
-        let e = validate("sk-ant-api03-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").unwrap_err();
+        let e = validate("sk-ant-api03-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").unwrap_err().to_string();
         assert!(e.contains("must start with"), "{e}");
         assert!(!e.contains("api03"));
         assert!(validate(&format!("{PREFIX}short"))
             .unwrap_err()
+            .to_string()
             .contains("too short"));
         assert!(validate(&format!("{PREFIX}{}", "a b".repeat(40))).is_err());
     }

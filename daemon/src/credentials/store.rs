@@ -1,5 +1,6 @@
 //! Secrets stored by `credentials.set` under `<state_dir>/keys/`, one 0600 file each.
 
+use super::KeyError;
 use crate::fsutil;
 use crate::secret::Secret;
 use std::path::{Path, PathBuf};
@@ -23,14 +24,13 @@ pub fn path(state_dir: &Path, profile: &str, kind: Kind) -> PathBuf {
 }
 
 /// Reads a stored secret, `None` when there is none.
-pub fn read(state_dir: &Path, profile: &str, kind: Kind) -> Result<Option<Secret>, String> {
+pub fn read(state_dir: &Path, profile: &str, kind: Kind) -> Result<Option<Secret>, KeyError> {
     let p = path(state_dir, profile, kind);
-    match std::fs::read_to_string(&p) {
-        Ok(text) if !text.trim().is_empty() => Ok(Some(Secret::new(text.trim()))),
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
-    }
+    let Some(bytes) = fsutil::read_regular_capped(&p)? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(Some(text.trim()).filter(|t| !t.is_empty()).map(Secret::new))
 }
 
 /// Stores a secret atomically with mode 0600 in a 0700 folder.
@@ -39,12 +39,16 @@ pub fn write(
     profile: &str,
     kind: Kind,
     secret: &Secret,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, KeyError> {
     let p = path(state_dir, profile, kind);
     if let Some(dir) = p.parent() {
-        fsutil::ensure_private_dir(dir)?;
+        fsutil::ensure_private_dir(dir).map_err(KeyError::Folder)?;
     }
-    fsutil::write_secret_atomic(&p, format!("{}\n", secret.expose()).as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    fsutil::write_secret_atomic(&p, format!("{}\n", secret.expose()).as_bytes()).map_err(
+        |source| KeyError::Write {
+            path: p.clone(),
+            source,
+        },
+    )?;
     Ok(p)
 }

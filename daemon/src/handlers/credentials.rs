@@ -61,7 +61,8 @@ pub fn set(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         }
     };
     let state_dir = ctx.daemon.registry().state_dir.clone();
-    let path = store::write(&state_dir, &p.profile, kind, &secret).map_err(RpcError::internal)?;
+    let path = store::write(&state_dir, &p.profile, kind, &secret)
+        .map_err(|e| RpcError::internal(e.to_string()))?;
     tracing::info!(profile = %p.profile, file = %path.display(), "credential stored");
     ctx.daemon.rebuild_profile(&p.profile);
     announce(ctx, &p.profile);
