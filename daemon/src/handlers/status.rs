@@ -21,5 +21,6 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             .map(|a| a.values().cloned().collect())
             .unwrap_or_default(),
         profiles: reg.profiles.values().map(|p| p.status()).collect(),
+        gateway: d.gateway.get().map(|g| g.status()),
     })
 }

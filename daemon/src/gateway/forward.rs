@@ -1,0 +1,426 @@
+//! Native pass-through: the client's body goes to the profile's provider as sent, with
+//! the client's auth replaced by the profile's, under the profile's shared limits and the
+//! retry rules of `crate::chat`. Answers come back unchanged; streams event by event.
+
+use super::errors::{GatewayError, Shape};
+use super::usage::{Seen, SseScanner};
+use super::Gateway;
+use crate::chat::{Failure, Retries};
+use crate::config::Provider;
+use crate::profile::Profile;
+use crate::providers;
+use crate::ratelimit::Permit;
+use crate::refresh::Force;
+use axum::body::{Body, Bytes};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+use llmd_proto::{ErrorKind, RpcError};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Largest non-streamed answer passed through (read whole to take its usage).
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+/// Most of an error answer kept when passing it on.
+const MAX_ERROR_ANSWER: usize = 1 << 20;
+/// A token handed to a provider call must outlive a slow request (as in `chat`).
+const MIN_TOKEN_VALIDITY_SECS: u64 = 60;
+
+/// Client headers never forwarded: the client's auth (replaced by the profile's),
+/// hop-by-hop headers, and what would reveal or change the client's context upstream.
+const DROPPED: &[&str] = &[
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-connection",
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "user-agent",
+    // The gateway reads usage from the answer, so it must come uncompressed.
+    "accept-encoding",
+    "cookie",
+    "origin",
+    "referer",
+];
+
+/// Answer headers not passed back.
+const DROPPED_BACK: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "trailer",
+    "upgrade",
+    "set-cookie",
+];
+
+/// The provider URL for `rest` (the path under `/p/<profile>/`), or `None` when it is
+/// not one of the provider's API paths.
+pub fn upstream_url(profile: &Profile, rest: &str, query: Option<&str>) -> Option<String> {
+    let safe = !rest.is_empty()
+        && !rest.contains('\\')
+        && rest.split('/').all(|seg| {
+            let lower = seg.to_ascii_lowercase();
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && !lower.contains("%2e")
+                && !lower.contains("%2f")
+        });
+    if !safe {
+        return None;
+    }
+    let under = match profile.config.provider {
+        Provider::Anthropic => {
+            let ok = matches!(
+                rest,
+                "v1/messages" | "v1/messages/count_tokens" | "v1/models"
+            ) || rest.starts_with("v1/models/");
+            ok.then_some(rest)?
+        }
+        // The profile's base URL ends in `/v1` (OpenAI) or `/v1beta` (Gemini).
+        Provider::OpenaiCompat => rest.strip_prefix("v1/")?,
+        Provider::Gemini => {
+            let r = rest.strip_prefix("v1beta/")?;
+            (r == "models" || r.starts_with("models/")).then_some(r)?
+        }
+        Provider::Minimax => {
+            (rest.starts_with("v1/") || rest.starts_with("anthropic/v1/")).then_some(rest)?
+        }
+    };
+    let mut url = format!("{}/{under}", profile.base_url().trim_end_matches('/'));
+    // Gemini's `key` parameter carried the gateway key; the profile's goes in a header.
+    let kept: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.starts_with("key="))
+        .collect();
+    if !kept.is_empty() {
+        url.push('?');
+        url.push_str(&kept.join("&"));
+    }
+    Some(url)
+}
+
+/// The parts of a request body the limiter needs; everything else is skipped unparsed.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Hints {
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    #[serde(rename = "generationConfig")]
+    generation_config: Option<GenerationHints>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct GenerationHints {
+    #[serde(rename = "maxOutputTokens")]
+    max_output_tokens: Option<u64>,
+}
+
+/// The limiter's estimate for a body: about four bytes per prompt token plus the output
+/// budget (as `crate::chat::estimate_tokens`); the answer's usage corrects it.
+pub fn estimate(body: &[u8]) -> u64 {
+    let h: Hints = serde_json::from_slice(body).unwrap_or_default();
+    let out = h
+        .max_tokens
+        .or(h.max_completion_tokens)
+        .or(h.generation_config.and_then(|g| g.max_output_tokens))
+        .unwrap_or(1024);
+    body.len() as u64 / 4 + out
+}
+
+/// The request headers sent upstream: the client's, minus [`DROPPED`] and whatever the
+/// profile sets, plus the profile's (auth, `extra_headers`). `anthropic-beta` values of
+/// both are merged, the profile's first.
+fn upstream_headers(
+    client: &HeaderMap,
+    profile: &std::collections::BTreeMap<String, String>,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + profile.len());
+    for (k, v) in client {
+        let n = k.as_str();
+        if DROPPED.contains(&n) || (profile.contains_key(n) && n != "anthropic-beta") {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    for (k, v) in profile {
+        let (Ok(name), Ok(mut value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) else {
+            continue;
+        };
+        if k == "anthropic-beta" {
+            let mut all: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).collect();
+            for c in client.get_all("anthropic-beta") {
+                for b in c.to_str().unwrap_or("").split(',').map(str::trim) {
+                    if !b.is_empty() && !all.iter().any(|x| x == b) {
+                        all.push(b.to_owned());
+                    }
+                }
+            }
+            match HeaderValue::from_str(&all.join(",")) {
+                Ok(merged) => value = merged,
+                Err(_) => continue,
+            }
+            out.remove("anthropic-beta");
+        }
+        value.set_sensitive(true);
+        out.insert(name, value);
+    }
+    out
+}
+
+/// Maps a local failure (no token, refresh failed) to the client's error shape.
+pub fn rpc_error(shape: Shape, e: RpcError) -> Response {
+    let status = match e.kind() {
+        ErrorKind::NeedsLogin => StatusCode::UNAUTHORIZED,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::InvalidParams => StatusCode::BAD_REQUEST,
+        ErrorKind::RefreshFailed | ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Cancelled => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    GatewayError::new(status, shape, format!("llmd: {}", e.message)).into_response()
+}
+
+/// Forwards one request to `url` for `profile`.
+pub async fn forward(
+    gw: &Gateway,
+    profile: &Arc<Profile>,
+    parts: Parts,
+    url: String,
+    body: Bytes,
+    shape: Shape,
+) -> Response {
+    let estimate = estimate(&body);
+    let mut retries = Retries::default();
+    loop {
+        let permit = profile.limiter.acquire(estimate).await;
+        let token = match profile.token(MIN_TOKEN_VALIDITY_SECS, Force::No).await {
+            Ok(t) => t,
+            Err(e) => return rpc_error(shape, e),
+        };
+        let sent = gw
+            .daemon
+            .http
+            .request(parts.method.clone(), &url)
+            .headers(upstream_headers(&parts.headers, &token.headers))
+            .body(body.clone())
+            .send()
+            .await;
+        let (failure, answer) = match sent {
+            Ok(resp) => {
+                profile.limiter.observe(resp.headers());
+                let status = resp.status();
+                if status.is_success() {
+                    return answer(resp, permit).await;
+                }
+                let headers = resp.headers().clone();
+                let bytes = read_capped(resp, MAX_ERROR_ANSWER)
+                    .await
+                    .unwrap_or_default();
+                let failure = Failure {
+                    status: status.as_u16(),
+                    retry_after: providers::retry_after(&headers),
+                    ..Failure::default()
+                };
+                (failure, pass_back(status, &headers, Body::from(bytes)))
+            }
+            Err(e) => (
+                Failure {
+                    network: true,
+                    ..Failure::default()
+                },
+                GatewayError::new(
+                    StatusCode::BAD_GATEWAY,
+                    shape,
+                    format!(
+                        "llmd: cannot reach the provider: {}",
+                        providers::describe(&e)
+                    ),
+                )
+                .into_response(),
+            ),
+        };
+        drop(permit);
+        match retries.next(profile, &failure) {
+            Some(step) => {
+                if let Err(e) = step.run(profile, &token.token).await {
+                    return rpc_error(shape, e);
+                }
+            }
+            None => return answer,
+        }
+    }
+}
+
+/// A successful answer: a stream goes through as it arrives; a whole answer is read (to
+/// settle the limiter with its usage) and passed on.
+async fn answer(resp: reqwest::Response, permit: Permit) -> Response {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    if sse {
+        let pass = Pass {
+            inner: resp.bytes_stream().boxed(),
+            scan: SseScanner::default(),
+            permit: Some(permit),
+        };
+        return pass_back(status, &headers, Body::from_stream(pass));
+    }
+    let bytes = match read_capped(resp, MAX_ANSWER_BYTES).await {
+        Ok(b) => b,
+        Err(why) => {
+            return GatewayError::new(
+                StatusCode::BAD_GATEWAY,
+                Shape::OpenAi,
+                format!("llmd: {why}"),
+            )
+            .into_response()
+        }
+    };
+    let mut seen = Seen::default();
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        seen.read(&v);
+    }
+    match seen.total() {
+        Some(t) => permit.settle(t),
+        None => drop(permit),
+    }
+    pass_back(status, &headers, Body::from(bytes))
+}
+
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        format!(
+            "the provider's answer broke off: {}",
+            providers::describe(&e)
+        )
+    })? {
+        if buf.len() + chunk.len() > cap {
+            return Err(format!("the provider's answer is over {cap} bytes"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.into())
+}
+
+fn pass_back(status: StatusCode, headers: &HeaderMap, body: Body) -> Response {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    for (k, v) in headers {
+        if !DROPPED_BACK.contains(&k.as_str()) {
+            h.append(k.clone(), v.clone());
+        }
+    }
+    r
+}
+
+/// The upstream stream on its way to the client: read for usage as it passes, holding
+/// the request's concurrency slot until it ends. Dropped when the client hangs up, which
+/// drops (and so aborts) the upstream response.
+struct Pass {
+    inner: BoxStream<'static, reqwest::Result<Bytes>>,
+    scan: SseScanner,
+    permit: Option<Permit>,
+}
+
+impl Pass {
+    fn settle(&mut self) {
+        if let Some(p) = self.permit.take() {
+            match self.scan.seen.total() {
+                Some(t) => p.settle(t),
+                None => drop(p),
+            }
+        }
+    }
+}
+
+impl Stream for Pass {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                self.scan.feed(&b);
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.settle();
+                Poll::Ready(Some(Err(std::io::Error::other(providers::describe(&e)))))
+            }
+            Poll::Ready(None) => {
+                self.settle();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_auth_is_replaced_and_betas_merged() {
+        let mut client = HeaderMap::new();
+        client.insert("x-api-key", "llmd-gw-secret".parse().unwrap());
+        client.insert("authorization", "Bearer llmd-gw-secret".parse().unwrap());
+        client.insert(
+            "anthropic-beta",
+            "files-api-2025-04-14, oauth-2025-04-20".parse().unwrap(),
+        );
+        client.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        client.insert("user-agent", "sdk/1".parse().unwrap());
+        let profile = [
+            ("authorization".to_string(), "Bearer real".to_string()),
+            ("anthropic-beta".to_string(), "oauth-2025-04-20".to_string()),
+        ]
+        .into();
+        let h = upstream_headers(&client, &profile);
+        assert_eq!(h.get("authorization").unwrap(), "Bearer real");
+        assert!(h.get("x-api-key").is_none());
+        assert!(h.get("user-agent").is_none());
+        assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
+        assert_eq!(
+            h.get("anthropic-beta").unwrap(),
+            "oauth-2025-04-20,files-api-2025-04-14"
+        );
+    }
+
+    #[test]
+    fn estimate_reads_each_providers_budget() {
+        assert_eq!(estimate(br#"{"max_tokens": 100}"#), 4 + 100);
+        assert_eq!(
+            estimate(br#"{"generationConfig": {"maxOutputTokens": 8}}"#),
+            11 + 8
+        );
+        assert_eq!(estimate(b"not json"), 2 + 1024);
+    }
+}
