@@ -677,3 +677,42 @@ async fn named_agent_keys_are_counted_in_status() {
     assert_eq!(g.requests_by_agent.get("aider"), Some(&1));
     assert_eq!(fake.last_request().header("x-api-key"), Some("test-key"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llmctl_prints_the_key_the_exports_and_where_it_listens() {
+    let fake = FakeProviders::start().await;
+    let gw = Gw::start(&fake, "").await;
+    let out = gw.d.llmctl(&["gateway", "key"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), gw.key);
+    let key_file = gw.d.home.join("state/llmd/gateway.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let out = gw.d.llmctl(&["env", "--gateway", "an"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("export ANTHROPIC_BASE_URL='{}/p/an'", gw.base)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("export ANTHROPIC_API_KEY='{}'", gw.key)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("export OPENAI_BASE_URL='{}/p/an/v1'", gw.base)),
+        "{text}"
+    );
+    let out = gw.d.llmctl(&["env", "--gateway", "an", "--agent", "aider"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains(&gw.key) && text.contains("llmd-gw-aider."),
+        "{text}"
+    );
+    let out = gw.d.llmctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("gateway: {}", gw.base)), "{text}");
+    assert!(!gw.d.logs().contains(&gw.key), "the key is never logged");
+}

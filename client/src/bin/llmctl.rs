@@ -1,5 +1,8 @@
 //! `llmctl`: command-line client of llmd.
 
+#[path = "llmctl/gateway.rs"]
+mod gateway_cmd;
+
 use clap::{CommandFactory, Parser, Subcommand};
 use llmd_client::proto::chat::{
     Block, ChatRequest, Content, Delta, Message, Role, ToolDef, ToolList, ToolName, ToolRef,
@@ -101,6 +104,20 @@ enum Cmd {
         #[arg(short = 'n', default_value_t = 10)]
         count: u32,
     },
+    /// The HTTP gateway: its key.
+    Gateway {
+        #[command(subcommand)]
+        cmd: gateway_cmd::GatewayCmd,
+    },
+    /// Print the shell exports that point SDKs and tools at a profile through the gateway.
+    Env {
+        /// Profile name.
+        #[arg(long, value_name = "PROFILE")]
+        gateway: String,
+        /// Use the named key of this agent.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+    },
     /// Print shell completions.
     Completions {
         /// Shell.
@@ -152,6 +169,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
     let client = connect(cli.socket).await?;
     match cli.cmd {
+        Cmd::Gateway { cmd } => gateway_cmd::run(&client, cmd).await?,
+        Cmd::Env { gateway, agent } => gateway_cmd::env(&client, &gateway, agent).await?,
         Cmd::Status { json } => {
             let s = client.status().await.map_err(describe)?;
             if json {
@@ -168,6 +187,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                     s.connections
                 );
                 print!("{}", status_table(&s.profiles, now()));
+                if let Some(g) = &s.gateway {
+                    for place in g.listen.iter().chain(g.unix.iter()) {
+                        println!("gateway: {place} (profile P under /p/P)");
+                    }
+                }
             }
         }
         Cmd::Token { profile, min_valid } => {
