@@ -685,7 +685,7 @@ async fn llmctl_prints_the_key_the_exports_and_where_it_listens() {
     let out = gw.d.llmctl(&["gateway", "key"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), gw.key);
-    let key_file = gw.d.home.join("state/llmd/gateway.key");
+    let key_file = gw.d.home.join("state/llmd/gateway/key");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&key_file).unwrap().permissions(),
     );
@@ -715,4 +715,166 @@ async fn llmctl_prints_the_key_the_exports_and_where_it_listens() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("gateway: {}", gw.base)), "{text}");
     assert!(!gw.d.logs().contains(&gw.key), "the key is never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_up_before_the_answer_cancels_upstream() {
+    let fake = FakeProviders::start().await;
+    let gw = Gw::start(&fake, "").await;
+    fake.set_latency(Duration::from_secs(30));
+    let addr = gw.base.trim_start_matches("http://").to_string();
+    let body = messages_body("hi", false).to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "POST /p/an/v1/messages HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        gw.key,
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert!(fake.wait_for_requests(1, Duration::from_secs(10)).await);
+    drop(s);
+    assert!(
+        fake.wait_for_aborted(1, Duration::from_secs(10)).await,
+        "the upstream request was dropped with the client's connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_401_on_a_login_forces_one_refresh_and_one_retry() {
+    use llmd_tests::fake_oauth::{access_of, refresh_of, FakeOAuth};
+    let oauth = FakeOAuth::start(3600).await;
+    let fake = FakeProviders::start().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ngateway = true\ntoken_endpoint = \"{}\"\nbase_url = \"{}\"\n",
+        oauth.anthropic_url(),
+        fake.anthropic_base()
+    );
+    let bundle = json!({"access_token": access_of(0), "refresh_token": refresh_of(0), "expires_at": now + 3600});
+    let d = Daemon::builder()
+        .config(&cfg)
+        .file("state/llmd/oauth/work.json", &bundle.to_string(), 0o600)
+        .start();
+    let k: GatewayKeyResult = d
+        .client()
+        .await
+        .call("gateway.key", &GatewayKeyParams::default())
+        .await
+        .unwrap();
+    fake.fail_next(1, Failure::Status(401));
+    let r = reqwest::Client::new()
+        .post(format!("{}/p/work/v1/messages", k.base_url.unwrap()))
+        .header("x-api-key", &k.key)
+        .json(&messages_body("hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(oauth.refresh_calls(), 1, "one forced refresh");
+    let reqs = fake.chat_requests();
+    assert_eq!(reqs.len(), 2, "one retry");
+    assert_eq!(
+        reqs[1].header("authorization"),
+        Some(format!("Bearer {}", access_of(1)).as_str())
+    );
+    assert_no_gateway_key(&fake, &k.key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimax_and_gemini_streams_go_through_natively() {
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n[profiles.mm]\nprovider = \"minimax\"\nauth = \"api-key\"\napi_key_env = \"TEST_KEY\"\ngroup_id = \"g1\"\nbase_url = \"{}\"\n\n[profiles.gm]\nprovider = \"gemini\"\nauth = \"api-key\"\napi_key_env = \"TEST_KEY\"\nbase_url = \"{}\"\n",
+        fake.minimax_base(),
+        fake.gemini_base()
+    );
+    let d = Daemon::builder()
+        .config(&cfg)
+        .env("TEST_KEY", "test-key")
+        .start();
+    let k: GatewayKeyResult = d
+        .client()
+        .await
+        .call("gateway.key", &GatewayKeyParams::default())
+        .await
+        .unwrap();
+    let base = k.base_url.unwrap();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/p/mm/v1/text/chatcompletion_v2"))
+        .bearer_auth(&k.key)
+        .json(&json!({"model": "MiniMax-M1", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = fake.last_request();
+    assert_eq!(seen.header("authorization"), Some("Bearer test-key"));
+    assert_eq!(seen.header("x-minimax-group-id"), Some("g1"));
+    let r = http
+        .post(format!(
+            "{base}/p/gm/v1beta/models/gemini-x:streamGenerateContent?alt=sse"
+        ))
+        .header("x-goog-api-key", &k.key)
+        .json(&json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut ev = Events::new(r);
+    let mut text = String::new();
+    while let Some(e) = ev.next().await {
+        let v: Value = serde_json::from_str(&e).unwrap();
+        if let Some(t) = v
+            .pointer("/candidates/0/content/parts/0/text")
+            .and_then(Value::as_str)
+        {
+            text.push_str(t);
+        }
+    }
+    assert_eq!(text, "Hello from gemini");
+    assert_eq!(
+        fake.last_request().path,
+        "/v1beta/models/gemini-x:streamGenerateContent?alt=sse"
+    );
+    assert_no_gateway_key(&fake, &k.key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_serves_the_same_routes_privately() {
+    let fake = FakeProviders::start().await;
+    let extra = "unix = \"{home}/run/llmd/gateway.sock\"";
+    let gw = Gw::start(&fake, extra).await;
+    let path = gw.d.home.join("run/llmd/gateway.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let body = messages_body("hi", false).to_string();
+    let ask = |key: String| {
+        let (path, body) = (path.clone(), body.clone());
+        async move {
+            let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let req = format!(
+                "POST /p/an/v1/messages HTTP/1.1\r\nhost: localhost\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let ok = ask(gw.key.clone()).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("Hello from anthropic"), "{ok}");
+    let refused = ask("llmd-gw-wrong".into()).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let st = gw.status().await.gateway.unwrap();
+    assert_eq!(st.unix.as_deref(), Some(path.to_str().unwrap()));
 }

@@ -22,9 +22,10 @@ pub struct Keys {
     main: Secret,
 }
 
-/// Path of the key file.
+/// Path of the key file: in its own 0700 folder, so that a state folder someone made
+/// with `mkdir` (0755) does not expose it.
 pub fn key_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("gateway.key")
+    state_dir.join("gateway").join("key")
 }
 
 impl Keys {
@@ -53,7 +54,9 @@ impl Keys {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
-        fsutil::ensure_private_dir(state_dir)?;
+        if let Some(dir) = path.parent() {
+            fsutil::ensure_private_dir(dir)?;
+        }
         let bytes: [u8; 32] = rand::random();
         let key = format!(
             "{KEY_PREFIX}{}",
