@@ -878,3 +878,61 @@ async fn the_unix_socket_serves_the_same_routes_privately() {
     let st = gw.status().await.gateway.unwrap();
     assert_eq!(st.unix.as_deref(), Some(path.to_str().unwrap()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_estimates_are_corrected_by_the_usage_of_answers_and_streams() {
+    use llmd_tests::fake_providers::{INPUT_TOKENS, OUTPUT_TOKENS};
+    let fake = FakeProviders::start().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n[profiles.an]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"TEST_KEY\"\nbase_url = \"{}\"\n[profiles.an.rate_limit]\ntokens_per_minute = 1000000\n",
+        fake.anthropic_base()
+    );
+    let d = Daemon::builder()
+        .config(&cfg)
+        .env("TEST_KEY", "test-key")
+        .start();
+    let c = d.client().await;
+    let k: GatewayKeyResult = c
+        .call("gateway.key", &GatewayKeyParams::default())
+        .await
+        .unwrap();
+    let url = format!("{}/p/an/v1/messages", k.base_url.unwrap());
+    let http = reqwest::Client::new();
+    let remaining = || async {
+        let st = d.client().await.status().await.unwrap();
+        st.profiles[0].limits.clone().unwrap().remaining_tokens
+    };
+    // Each request budgets 50 000 output tokens; the answers report 12 + 7.
+    let body = |stream: bool| {
+        json!({"model": "claude-x", "max_tokens": 50000, "stream": stream,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let r = http
+        .post(&url)
+        .header("x-api-key", &k.key)
+        .json(&body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    let per_answer = INPUT_TOKENS + OUTPUT_TOKENS;
+    assert_eq!(
+        remaining().await,
+        Some(1_000_000 - per_answer),
+        "settled from the JSON usage"
+    );
+    let r = http
+        .post(&url)
+        .header("x-api-key", &k.key)
+        .json(&body(true))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.bytes().await.unwrap();
+    assert_eq!(
+        remaining().await,
+        Some(1_000_000 - 2 * per_answer),
+        "settled from the stream's message_start and message_delta usage"
+    );
+}

@@ -22,8 +22,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// Largest non-streamed answer passed through (read whole to take its usage).
-pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+/// Most of a JSON answer kept on the side to read its usage at the end; a larger one
+/// still passes, with the estimate left standing.
+pub const MAX_USAGE_SCAN_BYTES: usize = 16 << 20;
 /// Most of an error answer kept when passing it on.
 const MAX_ERROR_ANSWER: usize = 1 << 20;
 /// A token handed to a provider call must outlive a slow request (as in `chat`).
@@ -227,7 +228,7 @@ pub async fn forward(
                 profile.limiter.observe(resp.headers());
                 let status = resp.status();
                 if status.is_success() {
-                    return answer(resp, permit).await;
+                    return answer(resp, permit);
                 }
                 let headers = resp.headers().clone();
                 let bytes = read_capped(resp, MAX_ERROR_ANSWER)
@@ -268,43 +269,25 @@ pub async fn forward(
     }
 }
 
-/// A successful answer: a stream goes through as it arrives; a whole answer is read (to
-/// settle the limiter with its usage) and passed on.
-async fn answer(resp: reqwest::Response, permit: Permit) -> Response {
+/// A successful answer goes through as it arrives (an SSE stream event by event, any
+/// other body chunk by chunk), read on the way for its usage, which settles the permit.
+fn answer(resp: reqwest::Response, permit: Permit) -> Response {
     let status = resp.status();
     let headers = resp.headers().clone();
     let sse = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("text/event-stream"));
-    if sse {
-        let pass = Pass {
-            inner: resp.bytes_stream().boxed(),
-            scan: SseScanner::default(),
-            permit: Some(permit),
-        };
-        return pass_back(status, &headers, Body::from_stream(pass));
-    }
-    let bytes = match read_capped(resp, MAX_ANSWER_BYTES).await {
-        Ok(b) => b,
-        Err(why) => {
-            return GatewayError::new(
-                StatusCode::BAD_GATEWAY,
-                Shape::OpenAi,
-                format!("llmd: {why}"),
-            )
-            .into_response()
-        }
+    let pass = Pass {
+        inner: resp.bytes_stream().boxed(),
+        reader: if sse {
+            Reader::Sse(SseScanner::default())
+        } else {
+            Reader::Json(Some(Vec::new()))
+        },
+        permit: Some(permit),
     };
-    let mut seen = Seen::default();
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-        seen.read(&v);
-    }
-    match seen.total() {
-        Some(t) => permit.settle(t),
-        None => drop(permit),
-    }
-    pass_back(status, &headers, Body::from(bytes))
+    pass_back(status, &headers, Body::from_stream(pass))
 }
 
 async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
@@ -335,19 +318,63 @@ fn pass_back(status: StatusCode, headers: &HeaderMap, body: Body) -> Response {
     r
 }
 
-/// The upstream stream on its way to the client: read for usage as it passes, holding
+/// How a passing answer is read for its usage.
+enum Reader {
+    /// SSE: event by event.
+    Sse(SseScanner),
+    /// JSON (or Gemini's streamed JSON array): kept, up to [`MAX_USAGE_SCAN_BYTES`], and
+    /// parsed at the end; `None` once it outgrew that.
+    Json(Option<Vec<u8>>),
+}
+
+impl Reader {
+    fn feed(&mut self, b: &[u8]) {
+        match self {
+            Reader::Sse(s) => s.feed(b),
+            Reader::Json(kept) => {
+                if kept
+                    .as_ref()
+                    .is_some_and(|k| k.len() + b.len() > MAX_USAGE_SCAN_BYTES)
+                {
+                    *kept = None;
+                }
+                if let Some(k) = kept {
+                    k.extend_from_slice(b);
+                }
+            }
+        }
+    }
+
+    fn total(&self, complete: bool) -> Option<u64> {
+        match self {
+            Reader::Sse(s) => s.seen.total(),
+            Reader::Json(Some(buf)) if complete => {
+                let mut seen = Seen::default();
+                match serde_json::from_slice::<serde_json::Value>(buf) {
+                    Ok(serde_json::Value::Array(items)) => items.iter().for_each(|v| seen.read(v)),
+                    Ok(v) => seen.read(&v),
+                    Err(_) => {}
+                }
+                seen.total()
+            }
+            Reader::Json(_) => None,
+        }
+    }
+}
+
+/// The upstream answer on its way to the client: read for usage as it passes, holding
 /// the request's concurrency slot until it ends. Dropped when the client hangs up, which
 /// drops (and so aborts) the upstream response.
 struct Pass {
     inner: BoxStream<'static, reqwest::Result<Bytes>>,
-    scan: SseScanner,
+    reader: Reader,
     permit: Option<Permit>,
 }
 
 impl Pass {
-    fn settle(&mut self) {
+    fn settle(&mut self, complete: bool) {
         if let Some(p) = self.permit.take() {
-            match self.scan.seen.total() {
+            match self.reader.total(complete) {
                 Some(t) => p.settle(t),
                 None => drop(p),
             }
@@ -361,15 +388,15 @@ impl Stream for Pass {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(b))) => {
-                self.scan.feed(&b);
+                self.reader.feed(&b);
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.settle();
+                self.settle(false);
                 Poll::Ready(Some(Err(std::io::Error::other(providers::describe(&e)))))
             }
             Poll::Ready(None) => {
-                self.settle();
+                self.settle(true);
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -379,7 +406,7 @@ impl Stream for Pass {
 
 impl Drop for Pass {
     fn drop(&mut self) {
-        self.settle();
+        self.settle(false);
     }
 }
 
@@ -412,6 +439,20 @@ mod tests {
             h.get("anthropic-beta").unwrap(),
             "oauth-2025-04-20,files-api-2025-04-14"
         );
+    }
+
+    #[test]
+    fn json_usage_is_read_at_the_end_within_bounds() {
+        let mut r = Reader::Json(Some(Vec::new()));
+        r.feed(br#"[{"usageMetadata": {"totalTokenCount": 5}},"#);
+        r.feed(br#"{"usageMetadata": {"totalTokenCount": 9}}]"#);
+        assert_eq!(r.total(false), None, "a cut answer proves nothing");
+        assert_eq!(r.total(true), Some(9));
+        let mut r = Reader::Json(Some(Vec::new()));
+        r.feed(br#"{"usage": {"input_tokens": 1, "output_tokens": 2}}"#);
+        r.feed(&vec![b' '; MAX_USAGE_SCAN_BYTES]);
+        assert!(matches!(r, Reader::Json(None)));
+        assert_eq!(r.total(true), None);
     }
 
     #[test]
