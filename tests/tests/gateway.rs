@@ -936,3 +936,61 @@ async fn token_estimates_are_corrected_by_the_usage_of_answers_and_streams() {
         "settled from the stream's message_start and message_delta usage"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_messages_route_is_translated_for_other_providers() {
+    let fake = FakeProviders::start().await;
+    let gw = Gw::start(&fake, "").await;
+    let tools = json!([{"name": "get_weather", "description": "w",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]);
+    for (profile, speaker) in [("gm", "gemini"), ("oa", "openai")] {
+        let ask = json!({"role": "user", "content": USE_TOOL});
+        let r = gw
+            .post(
+                profile,
+                "v1/messages",
+                &json!({"max_tokens": 100, "tools": tools, "messages": [ask]}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{profile}");
+        let m: Value = r.json().await.unwrap();
+        assert_eq!(m["type"], "message");
+        assert_eq!(m["stop_reason"], "tool_use", "{m}");
+        let call = m["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["type"] == "tool_use")
+            .unwrap()
+            .clone();
+        assert_eq!(call["input"], json!({"city": "Paris"}));
+        let r = gw
+            .post(
+                profile,
+                "v1/messages",
+                &json!({"max_tokens": 100, "stream": true, "tools": tools, "messages": [
+                    ask, {"role": "assistant", "content": [call]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "sunny"}]}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let mut ev = Events::new(r);
+        let (mut kinds, mut text) = (Vec::new(), String::new());
+        while let Some(e) = ev.next().await {
+            let v: Value = serde_json::from_str(&e).unwrap();
+            kinds.push(v["type"].as_str().unwrap_or("").to_string());
+            if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
+                text.push_str(t);
+            }
+        }
+        assert_eq!(text, "The tool said: sunny", "{profile}");
+        assert_eq!(kinds.first().map(String::as_str), Some("message_start"));
+        assert_eq!(kinds.last().map(String::as_str), Some("message_stop"));
+        let r = gw
+            .post(profile, "v1/messages", &messages_body("hi", false))
+            .await;
+        let m: Value = r.json().await.unwrap();
+        assert_eq!(m["content"][0]["text"], format!("Hello from {speaker}"));
+    }
+    assert_no_gateway_key(&fake, &gw.key);
+}

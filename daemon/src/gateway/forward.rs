@@ -15,6 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use llmd_proto::{ErrorKind, RpcError};
@@ -27,6 +28,8 @@ use std::task::{Context, Poll};
 pub const MAX_USAGE_SCAN_BYTES: usize = 16 << 20;
 /// Most of an error answer kept when passing it on.
 const MAX_ERROR_ANSWER: usize = 1 << 20;
+/// Most bytes of already-arrived chunks joined into one write to the client.
+const MAX_JOINED: usize = 64 << 10;
 /// A token handed to a provider call must outlive a slow request (as in `chat`).
 const MIN_TOKEN_VALIDITY_SECS: u64 = 60;
 
@@ -286,6 +289,7 @@ fn answer(resp: reqwest::Response, permit: Permit) -> Response {
             Reader::Json(Some(Vec::new()))
         },
         permit: Some(permit),
+        held: None,
     };
     pass_back(status, &headers, Body::from_stream(pass))
 }
@@ -369,6 +373,7 @@ struct Pass {
     inner: BoxStream<'static, reqwest::Result<Bytes>>,
     reader: Reader,
     permit: Option<Permit>,
+    held: Option<Held>,
 }
 
 impl Pass {
@@ -382,25 +387,64 @@ impl Pass {
     }
 }
 
+/// What comes after the chunks already handed on.
+enum Held {
+    End,
+    Fail(std::io::Error),
+}
+
 impl Stream for Pass {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                self.reader.feed(&b);
-                Poll::Ready(Some(Ok(b)))
+        let io = |e: reqwest::Error| std::io::Error::other(providers::describe(&e));
+        match self.held.take() {
+            Some(Held::End) => {
+                self.settle(true);
+                return Poll::Ready(None);
             }
+            Some(Held::Fail(e)) => {
+                self.settle(false);
+                return Poll::Ready(Some(Err(e)));
+            }
+            None => {}
+        }
+        let first = match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(b))) => b,
             Poll::Ready(Some(Err(e))) => {
                 self.settle(false);
-                Poll::Ready(Some(Err(std::io::Error::other(providers::describe(&e)))))
+                return Poll::Ready(Some(Err(io(e))));
             }
             Poll::Ready(None) => {
                 self.settle(true);
-                Poll::Ready(None)
+                return Poll::Ready(None);
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => return Poll::Pending,
+        };
+        self.reader.feed(&first);
+        // Chunks that are already here go out as one: a burst of events costs one write
+        // to the client instead of one per event. Nothing waits for more to arrive.
+        let mut joined: Option<BytesMut> = None;
+        while joined.as_ref().map_or(first.len(), BytesMut::len) < MAX_JOINED {
+            match self.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(b))) => {
+                    self.reader.feed(&b);
+                    joined
+                        .get_or_insert_with(|| BytesMut::from(&first[..]))
+                        .extend_from_slice(&b);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.held = Some(Held::Fail(io(e)));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    self.held = Some(Held::End);
+                    break;
+                }
+                Poll::Pending => break,
+            }
         }
+        Poll::Ready(Some(Ok(joined.map_or(first, BytesMut::freeze))))
     }
 }
 

@@ -6,10 +6,12 @@
 //! [`openai_facade`] answers `/v1/chat/completions` for the providers that do not speak
 //! it, through the neutral chat shape and `crate::chat`.
 
+pub mod anthropic_facade;
 pub mod auth;
 pub mod errors;
 pub mod forward;
 pub mod openai_facade;
+pub mod translate;
 pub mod usage;
 
 use crate::config::{AuthKind, GatewayConfig, Provider};
@@ -157,11 +159,12 @@ fn router(l: Listener) -> Router {
     Router::new().fallback(handle).with_state(l)
 }
 
-/// The error shape for `rest` on a profile of `provider`: the translated chat route
-/// always speaks OpenAI's.
+/// The error shape for `rest` on a profile of `provider`: the chat routes speak their
+/// own API's whatever the provider (they are translated for the others).
 fn shape_for(provider: Option<Provider>, rest: &str) -> Shape {
     match provider {
         _ if rest == "v1/chat/completions" => Shape::OpenAi,
+        _ if rest == "v1/messages" => Shape::Anthropic,
         Some(p) => Shape::of(p),
         None => Shape::OpenAi,
     }
@@ -254,11 +257,14 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             ),
         )
     })?;
-    let translated = rest == "v1/chat/completions"
-        && profile.config.provider != Provider::OpenaiCompat
-        && parts.method == axum::http::Method::POST;
-    if translated {
-        return Ok(openai_facade::handle(gw.clone(), profile, body).await);
+    if parts.method == axum::http::Method::POST {
+        let provider = profile.config.provider;
+        if rest == "v1/chat/completions" && provider != Provider::OpenaiCompat {
+            return Ok(openai_facade::handle(gw.clone(), profile, body).await);
+        }
+        if rest == "v1/messages" && provider != Provider::Anthropic {
+            return Ok(anthropic_facade::handle(gw.clone(), profile, body).await);
+        }
     }
     let Some(upstream) = forward::upstream_url(&profile, rest, query.as_deref()) else {
         return Err(err(

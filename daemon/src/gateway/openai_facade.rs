@@ -3,29 +3,20 @@
 //! (limits, retries, refresh), and the answer (or its deltas) translated back.
 
 use super::errors::{GatewayError, Shape};
+use super::translate::{self, Encoder};
 use super::Gateway;
 use crate::chat;
 use crate::profile::Profile;
-use crate::providers::DeltaSink;
-use crate::sync::lock;
-use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::body::Bytes;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
 use llmd_proto::chat::{
     Block, ChatRequest, ChatResponse, Content, Delta, Message, Role, StopReason, ToolChoice,
     ToolDef, ToolMode, ToolRef, Usage,
 };
 use llmd_proto::{ErrorKind, RpcError};
 use serde_json::{json, Value};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use tokio::sync::mpsc;
-
-/// Stream chunks queued for a client that reads slower than the provider writes; a
-/// client further behind is cut off (as a socket client over its queue would be).
-const MAX_QUEUED_CHUNKS: usize = 4096;
+use std::sync::Arc;
 
 /// What the OpenAI request asked for besides the chat itself.
 #[derive(Debug, Default, PartialEq)]
@@ -326,7 +317,7 @@ pub fn completion(resp: &ChatResponse) -> Value {
 }
 
 /// The OpenAI error for a failed neutral call: the provider's status passes through.
-fn error_response(e: &RpcError) -> Response {
+pub fn error_response(e: &RpcError) -> Response {
     let upstream = e
         .data_field("status")
         .and_then(Value::as_u64)
@@ -367,86 +358,28 @@ pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Res
             Err(e) => error_response(&e),
         };
     }
-    let (tx, mut rx) = mpsc::channel(MAX_QUEUED_CHUNKS);
-    let sink = ChunkSink {
-        tx: tx.clone(),
-        state: Mutex::new(ChunkState::default()),
+    let enc = ChunkEncoder {
+        include_usage: opts.include_usage,
+        ..ChunkEncoder::default()
     };
-    let task = tokio::spawn(async move {
-        let result = chat::execute(&gw.daemon, &profile, &req, Some(&sink)).await;
-        let msg = match result {
-            Ok(resp) => {
-                let tail = sink.finish(&resp, opts.include_usage);
-                Msg::Data(tail)
-            }
-            Err(e) => Msg::Fail(e),
-        };
-        let _ = tx.send(msg).await;
-    });
-    let guard = AbortOnDrop(task);
-    // Nothing goes out before the first delta: an error up to then (after the retries)
-    // is an HTTP error the SDK knows, not an error event in a 200 stream.
-    match rx.recv().await {
-        Some(Msg::Data(first)) => {
-            let mut r = Response::new(Body::from_stream(Chunks {
-                rx,
-                first: Some(first),
-                _guard: guard,
-                done: false,
-            }));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            r
-        }
-        Some(Msg::Fail(e)) => error_response(&e),
-        None => GatewayError::new(
-            StatusCode::BAD_GATEWAY,
-            Shape::OpenAi,
-            "llmd: the chat task ended without an answer",
-        )
-        .into_response(),
-    }
+    translate::stream(gw, profile, req, enc, error_response).await
 }
 
-enum Msg {
-    Data(Bytes),
-    Fail(RpcError),
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
+/// Turns deltas into `chat.completion.chunk` events.
 #[derive(Default)]
-struct ChunkState {
+struct ChunkEncoder {
+    include_usage: bool,
     started: bool,
     /// Neutral content index of each tool call, in OpenAI `tool_calls` index order.
     tools: Vec<usize>,
     id: String,
 }
 
-/// Turns deltas into `chat.completion.chunk` events.
-struct ChunkSink {
-    tx: mpsc::Sender<Msg>,
-    state: Mutex<ChunkState>,
-}
-
 fn event(v: &Value) -> Vec<u8> {
-    let mut out = b"data: ".to_vec();
-    out.extend_from_slice(v.to_string().as_bytes());
-    out.extend_from_slice(b"\n\n");
-    out
+    translate::sse(None, v)
 }
 
-impl ChunkSink {
+impl ChunkEncoder {
     fn chunk(id: &str, delta: Value, finish: Option<&str>) -> Value {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created(), "model": "",
@@ -454,12 +387,54 @@ impl ChunkSink {
         })
     }
 
-    /// The last events: the finish reason, the usage when asked, `[DONE]`.
-    fn finish(&self, resp: &ChatResponse, include_usage: bool) -> Bytes {
-        let st = lock(&self.state);
-        let id = format!("chatcmpl-{}", resp.id);
+    fn id(&mut self) -> String {
+        if self.id.is_empty() {
+            self.id = format!("chatcmpl-llmd{:x}", rand::random::<u64>());
+        }
+        self.id.clone()
+    }
+}
+
+impl Encoder for ChunkEncoder {
+    fn delta(&mut self, delta: Delta) -> Vec<u8> {
+        let id = self.id();
+        let delta = match delta {
+            Delta::Text { text } => json!({"content": text}),
+            Delta::Thinking { text } => json!({"reasoning_content": text}),
+            Delta::ToolUseStart { index, id, name } => {
+                self.tools.push(index);
+                json!({"tool_calls": [{"index": self.tools.len() - 1, "id": id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}]})
+            }
+            Delta::ToolInput {
+                index,
+                partial_json,
+            } => match self.tools.iter().position(|&i| i == index) {
+                Some(i) => {
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": partial_json}}]})
+                }
+                None => return Vec::new(),
+            },
+            Delta::BlockStop { .. } | Delta::Usage(_) => return Vec::new(),
+        };
         let mut out = Vec::new();
-        if !st.started {
+        if !self.started {
+            self.started = true;
+            out.extend(event(&Self::chunk(
+                &id,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )));
+        }
+        out.extend(event(&Self::chunk(&id, delta, None)));
+        out
+    }
+
+    /// The finish reason, the usage when asked, `[DONE]`.
+    fn finish(&mut self, resp: &ChatResponse) -> Vec<u8> {
+        let id = self.id();
+        let mut out = Vec::new();
+        if !self.started {
             // No delta came (an empty answer): the role chunk still opens the stream.
             out.extend(event(&Self::chunk(
                 &id,
@@ -470,87 +445,21 @@ impl ChunkSink {
         let mut last = Self::chunk(&id, json!({}), Some(finish_reason(resp.stop_reason)));
         last["model"] = Value::String(resp.model.clone());
         out.extend(event(&last));
-        if include_usage {
+        if self.include_usage {
             out.extend(event(&json!({
                 "id": id, "object": "chat.completion.chunk", "created": created(),
                 "model": resp.model, "choices": [], "usage": usage_json(&resp.usage),
             })));
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
-        out.into()
+        out
     }
-}
 
-impl DeltaSink for ChunkSink {
-    fn send(&self, delta: Delta) -> bool {
-        let mut st = lock(&self.state);
-        if st.id.is_empty() {
-            st.id = format!("chatcmpl-llmd{:x}", rand::random::<u64>());
-        }
-        let tool_index = |st: &ChunkState, index: usize| st.tools.iter().position(|&i| i == index);
-        let delta = match delta {
-            Delta::Text { text } => json!({"content": text}),
-            Delta::Thinking { text } => json!({"reasoning_content": text}),
-            Delta::ToolUseStart { index, id, name } => {
-                st.tools.push(index);
-                json!({"tool_calls": [{"index": st.tools.len() - 1, "id": id, "type": "function",
-                    "function": {"name": name, "arguments": ""}}]})
-            }
-            Delta::ToolInput {
-                index,
-                partial_json,
-            } => match tool_index(&st, index) {
-                Some(i) => {
-                    json!({"tool_calls": [{"index": i, "function": {"arguments": partial_json}}]})
-                }
-                None => return true,
-            },
-            Delta::BlockStop { .. } | Delta::Usage(_) => return true,
-        };
-        let mut out = Vec::new();
-        if !st.started {
-            st.started = true;
-            out.extend(event(&Self::chunk(
-                &st.id,
-                json!({"role": "assistant", "content": ""}),
-                None,
-            )));
-        }
-        out.extend(event(&Self::chunk(&st.id, delta, None)));
-        // A client this far behind is cut off rather than buffered without bound.
-        self.tx.try_send(Msg::Data(out.into())).is_ok()
-    }
-}
-
-/// The SSE body; dropping it (the client hung up) aborts the chat task.
-struct Chunks {
-    rx: mpsc::Receiver<Msg>,
-    first: Option<Bytes>,
-    _guard: AbortOnDrop,
-    done: bool,
-}
-
-impl Stream for Chunks {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(b) = self.first.take() {
-            return Poll::Ready(Some(Ok(b)));
-        }
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Msg::Data(b))) => Poll::Ready(Some(Ok(b))),
-            Poll::Ready(Some(Msg::Fail(e))) => {
-                // Too late for a status: OpenAI's SDKs raise on an `error` event.
-                self.done = true;
-                let v = json!({"error": {"message": format!("llmd: {}", e.message), "type": "server_error", "code": null}});
-                Poll::Ready(Some(Ok(event(&v).into())))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+    /// Too late for a status: OpenAI's SDKs raise on an `error` event.
+    fn error_event(&self, e: &RpcError) -> Vec<u8> {
+        event(
+            &json!({"error": {"message": format!("llmd: {}", e.message), "type": "server_error", "code": null}}),
+        )
     }
 }
 
