@@ -168,3 +168,16 @@ def test_openai_wrong_key_is_an_authentication_error():
     with pytest.raises(openai.AuthenticationError):
         c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert recorded() == []
+
+
+@pytest.mark.parametrize("profile", ["gm", "oa"])
+def test_anthropic_sdk_on_other_providers_through_the_translated_route(profile):
+    c = anthropic.Anthropic(base_url=f"{BASE}/p/{profile}", api_key=KEY, max_retries=0, timeout=30)
+    with c.messages.stream(
+        model="m", max_tokens=100, tools=[ANTHROPIC_TOOL], messages=[{"role": "user", "content": USE_TOOL}]
+    ) as s:
+        final = s.get_final_message()
+    call = next(b for b in final.content if b.type == "tool_use")
+    assert (call.name, call.input) == ("get_weather", {"city": "Paris"})
+    m = c.messages.create(model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}])
+    assert m.content[0].text == f"Hello from {SPEAKER[profile]}"
