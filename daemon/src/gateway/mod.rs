@@ -108,6 +108,11 @@ pub async fn start(daemon: Arc<Daemon>, cfg: &GatewayConfig) -> Result<Arc<Gatew
             hosts: Some(Arc::new(auth::allowed_hosts(&addr))),
         });
         let stop = daemon.shutdown.clone();
+        // Without TCP_NODELAY each small stream event would wait for the previous one's
+        // ACK (Nagle), a round trip per event.
+        let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let serve = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
