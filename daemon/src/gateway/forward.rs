@@ -231,7 +231,42 @@ pub async fn forward(
                 profile.limiter.observe(resp.headers());
                 let status = resp.status();
                 if status.is_success() {
-                    return answer(resp, permit);
+                    let headers = resp.headers().clone();
+                    let mut body = resp.bytes_stream().boxed();
+                    // The first chunk is awaited here: headers and first event then reach
+                    // the client in one write, and a stream that fails before its first
+                    // byte (or opens with an overload error event) can still be retried.
+                    let (failure, first) = match body.next().await {
+                        Some(Ok(first)) if opens_with_overload(&first) => (
+                            Failure {
+                                overload_event: true,
+                                ..Failure::default()
+                            },
+                            Some(first),
+                        ),
+                        Some(Ok(first)) => {
+                            return answer(status, &headers, body, Some(first), permit)
+                        }
+                        None => return answer(status, &headers, body, None, permit),
+                        Some(Err(_)) => (
+                            Failure {
+                                network: true,
+                                ..Failure::default()
+                            },
+                            None,
+                        ),
+                    };
+                    match retries.next(profile, &failure) {
+                        Some(step) => {
+                            drop(permit);
+                            if let Err(e) = step.run(profile, &token.token).await {
+                                return rpc_error(shape, e);
+                            }
+                            continue;
+                        }
+                        // Out of retries: the client gets what the provider sent.
+                        None => return answer(status, &headers, body, first, permit),
+                    }
                 }
                 let headers = resp.headers().clone();
                 let bytes = read_capped(resp, MAX_ERROR_ANSWER)
@@ -272,26 +307,53 @@ pub async fn forward(
     }
 }
 
+/// True for a stream whose first event is an error that means "busy" (Anthropic's
+/// `overloaded_error`, …): retried like a 529, as nothing has reached the client yet.
+fn opens_with_overload(first: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(&first[..first.len().min(4096)]);
+    let Some(event) = text.split("\n\n").next() else {
+        return false;
+    };
+    if !event.lines().any(|l| l.trim() == "event: error") {
+        return false;
+    }
+    event
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d.trim()).ok())
+        .any(|v| {
+            v.pointer("/error/type")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(crate::chat::is_overload_kind)
+        })
+}
+
 /// A successful answer goes through as it arrives (an SSE stream event by event, any
 /// other body chunk by chunk), read on the way for its usage, which settles the permit.
-fn answer(resp: reqwest::Response, permit: Permit) -> Response {
-    let status = resp.status();
-    let headers = resp.headers().clone();
+fn answer(
+    status: StatusCode,
+    headers: &HeaderMap,
+    inner: BoxStream<'static, reqwest::Result<Bytes>>,
+    first: Option<Bytes>,
+    permit: Permit,
+) -> Response {
     let sse = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("text/event-stream"));
+    let reader = if sse {
+        Reader::Sse(SseScanner::default())
+    } else {
+        Reader::Json(Some(Vec::new()))
+    };
     let pass = Pass {
-        inner: resp.bytes_stream().boxed(),
-        reader: if sse {
-            Reader::Sse(SseScanner::default())
-        } else {
-            Reader::Json(Some(Vec::new()))
-        },
+        inner,
+        reader,
         permit: Some(permit),
         held: None,
+        first,
     };
-    pass_back(status, &headers, Body::from_stream(pass))
+    pass_back(status, headers, Body::from_stream(pass))
 }
 
 async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
@@ -374,6 +436,8 @@ struct Pass {
     reader: Reader,
     permit: Option<Permit>,
     held: Option<Held>,
+    /// The chunk read before the answer started, sent first.
+    first: Option<Bytes>,
 }
 
 impl Pass {
@@ -409,7 +473,11 @@ impl Stream for Pass {
             }
             None => {}
         }
-        let first = match self.inner.poll_next_unpin(cx) {
+        let first = match self.first.take() {
+            Some(b) => Poll::Ready(Some(Ok(b))),
+            None => self.inner.poll_next_unpin(cx),
+        };
+        let first = match first {
             Poll::Ready(Some(Ok(b))) => b,
             Poll::Ready(Some(Err(e))) => {
                 self.settle(false);
@@ -497,6 +565,15 @@ mod tests {
         r.feed(&vec![b' '; MAX_USAGE_SCAN_BYTES]);
         assert!(matches!(r, Reader::Json(None)));
         assert_eq!(r.total(true), None);
+    }
+
+    #[test]
+    fn overload_error_events_are_recognised() {
+        let busy = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        assert!(opens_with_overload(busy));
+        let bad = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\"}}\n\n";
+        assert!(!opens_with_overload(bad));
+        assert!(!opens_with_overload(b"event: message_start\ndata: {}\n\n"));
     }
 
     #[test]
