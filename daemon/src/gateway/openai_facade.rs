@@ -14,7 +14,7 @@ use llmd_proto::chat::{
     Block, ChatRequest, ChatResponse, Content, Delta, Message, Role, StopReason, ToolChoice,
     ToolDef, ToolMode, ToolRef, Usage,
 };
-use llmd_proto::{ErrorKind, RpcError};
+use llmd_proto::RpcError;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -318,25 +318,7 @@ pub fn completion(resp: &ChatResponse) -> Value {
 
 /// The OpenAI error for a failed neutral call: the provider's status passes through.
 pub fn error_response(e: &RpcError) -> Response {
-    let upstream = e
-        .data_field("status")
-        .and_then(Value::as_u64)
-        .and_then(|s| u16::try_from(s).ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .filter(|s| s.is_client_error() || s.is_server_error());
-    let status = match e.kind() {
-        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::InvalidParams => StatusCode::BAD_REQUEST,
-        ErrorKind::NeedsLogin => StatusCode::UNAUTHORIZED,
-        ErrorKind::RefreshFailed | ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Upstream => upstream.unwrap_or(StatusCode::BAD_GATEWAY),
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    let mut msg = format!("llmd: {}", e.message);
-    if let Some(body) = e.data_field("body").and_then(Value::as_str) {
-        msg.push_str(": ");
-        msg.push_str(body);
-    }
+    let (status, msg) = translate::failure(e);
     GatewayError::new(status, Shape::OpenAi, msg).into_response()
 }
 

@@ -9,7 +9,7 @@ use crate::profile::Profile;
 use crate::providers::DeltaSink;
 use crate::sync::lock;
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures_util::Stream;
 use llmd_proto::chat::{ChatRequest, ChatResponse, Delta};
@@ -150,6 +150,33 @@ impl Stream for Events {
         }
         Poll::Ready(Some(Ok(out.into())))
     }
+}
+
+/// The status and message of a failed neutral call: the provider's own status passes
+/// through, with its error body appended to the message.
+pub fn failure(e: &RpcError) -> (StatusCode, String) {
+    use llmd_proto::ErrorKind;
+    use serde_json::Value;
+    let upstream = e
+        .data_field("status")
+        .and_then(Value::as_u64)
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .filter(|s| s.is_client_error() || s.is_server_error());
+    let status = match e.kind() {
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::InvalidParams => StatusCode::BAD_REQUEST,
+        ErrorKind::NeedsLogin => StatusCode::UNAUTHORIZED,
+        ErrorKind::RefreshFailed | ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Upstream => upstream.unwrap_or(StatusCode::BAD_GATEWAY),
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let mut msg = format!("llmd: {}", e.message);
+    if let Some(body) = e.data_field("body").and_then(Value::as_str) {
+        msg.push_str(": ");
+        msg.push_str(body);
+    }
+    (status, msg)
 }
 
 /// One SSE event: `event: NAME` (when given) and `data: JSON`.
