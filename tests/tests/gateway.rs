@@ -994,3 +994,33 @@ async fn the_messages_route_is_translated_for_other_providers() {
     }
     assert_no_gateway_key(&fake, &gw.key);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_true_takes_effect_on_reload() {
+    let fake = FakeProviders::start().await;
+    let gw = Gw::start(&fake, "").await;
+    let r = gw
+        .post("sub", "v1/messages", &messages_body("hi", false))
+        .await;
+    assert_eq!(r.status(), 403);
+    let path = gw.d.home.join("config/llmd/config.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[profiles.sub]\nprovider = \"anthropic\"\nauth = \"setup-token\"\n",
+        "[profiles.sub]\nprovider = \"anthropic\"\nauth = \"setup-token\"\ngateway = true\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = gw.d.llmctl(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = gw
+        .post("sub", "v1/messages", &messages_body("hi", false))
+        .await;
+    assert_eq!(r.status(), 200, "the reloaded profile is served");
+    assert_eq!(
+        fake.last_request().header("authorization"),
+        Some(format!("Bearer {}", setup_token()).as_str())
+    );
+}
