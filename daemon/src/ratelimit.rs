@@ -236,7 +236,10 @@ impl State {
 
     fn settle(&mut self, now: Instant, id: u64, estimate: u64, actual: u64) {
         self.prune(now);
-        if let Some(e) = self.window.iter_mut().find(|e| e.id == id && e.request) {
+        // From the back: the grant being settled is usually recent, and the window holds
+        // every request of the last minute (a linear scan from the front cost ~100 µs at
+        // a few thousand requests per second).
+        if let Some(e) = self.window.iter_mut().rev().find(|e| e.id == id && e.request) {
             self.tokens_in_window = self
                 .tokens_in_window
                 .saturating_sub(e.tokens)
