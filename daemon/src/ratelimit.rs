@@ -237,9 +237,13 @@ impl State {
     fn settle(&mut self, now: Instant, id: u64, estimate: u64, actual: u64) {
         self.prune(now);
         // From the back: the grant being settled is usually recent, and the window holds
-        // every request of the last minute (a linear scan from the front cost ~100 µs at
-        // a few thousand requests per second).
-        if let Some(e) = self.window.iter_mut().rev().find(|e| e.id == id && e.request) {
+        // every request of the last minute, so a scan from the front grows with traffic.
+        if let Some(e) = self
+            .window
+            .iter_mut()
+            .rev()
+            .find(|e| e.id == id && e.request)
+        {
             self.tokens_in_window = self
                 .tokens_in_window
                 .saturating_sub(e.tokens)
