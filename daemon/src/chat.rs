@@ -81,7 +81,7 @@ pub async fn execute(
     let estimate = estimate_tokens(req);
     let tracked = sink.map(TrackedSink::new);
     let observe = |h: &reqwest::header::HeaderMap| profile.limiter.observe(h);
-    let (mut overloads, mut server_errors, mut refreshed) = (0u32, 0u32, false);
+    let mut retries = Retries::default();
     loop {
         let permit = profile.limiter.acquire(estimate).await;
         let token = profile.token(MIN_TOKEN_VALIDITY_SECS, Force::No).await?;
@@ -114,47 +114,105 @@ pub async fn execute(
             ProviderError::Http { status, .. } => *status,
             _ => 0,
         };
-        let overloaded = status == 429
-            || status == 529
-            || matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind));
-        if status == 401
-            && !refreshed
+        let failure = Failure {
+            status,
+            overload_event: matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind)),
+            network: matches!(err, ProviderError::Network(_)),
+            retry_after: err.retry_after(),
+        };
+        match retries.next(profile, &failure) {
+            Some(step) => step.run(profile, &token.token).await?,
+            None => return Err(to_rpc(err)),
+        }
+    }
+}
+
+/// One failed attempt, as the retry rules see it.
+#[derive(Debug, Clone, Default)]
+pub struct Failure {
+    /// HTTP status; 0 when there was none.
+    pub status: u16,
+    /// A stream error event that means "busy" (see [`is_overload_kind`]).
+    pub overload_event: bool,
+    /// Connection failure or timeout before an answer.
+    pub network: bool,
+    /// The answer's `retry-after`.
+    pub retry_after: Option<Duration>,
+}
+
+/// The retry budget of one request (DESIGN.md, "Rate limits and retries"), shared by
+/// `chat` and the HTTP gateway so both follow the same rules.
+#[derive(Debug, Default)]
+pub struct Retries {
+    overloads: u32,
+    server_errors: u32,
+    refreshed: bool,
+}
+
+/// What to do before the next attempt.
+#[derive(Debug)]
+pub enum Step {
+    /// Force a refresh of the token that got the 401.
+    Refresh,
+    /// A 429: pause the whole profile this long.
+    Pause(Duration),
+    /// Wait this long (this request only).
+    Sleep(Duration),
+}
+
+impl Retries {
+    /// The next step after `f`, or `None` when the failure is final.
+    pub fn next(&mut self, profile: &Profile, f: &Failure) -> Option<Step> {
+        let overloaded = f.status == 429 || f.status == 529 || f.overload_event;
+        if f.status == 401
+            && !self.refreshed
             && matches!(profile.config.auth, AuthKind::Oauth | AuthKind::ClaudeCli)
         {
             tracing::info!(profile = %profile.name, "provider answered 401; forcing a refresh and retrying once");
-            refreshed = true;
-            // Only a token that is still current and not brand new is worth replacing:
-            // another request may have refreshed already, or the 401 is not about it.
-            let used = Secret::new(token.token.as_str());
-            profile.token(0, Force::IfStale { used }).await?;
-            continue;
+            self.refreshed = true;
+            return Some(Step::Refresh);
         }
-        if overloaded && overloads < MAX_OVERLOAD_RETRIES {
-            overloads += 1;
-            let wait = err.retry_after().unwrap_or_else(|| backoff(overloads));
-            tracing::warn!(profile = %profile.name, status, wait_ms = wait.as_millis() as u64, "provider overloaded; waiting");
-            if status == 429 {
-                // Everyone on this profile waits, not just this request.
-                profile.limiter.pause(wait);
+        if overloaded && self.overloads < MAX_OVERLOAD_RETRIES {
+            self.overloads += 1;
+            let wait = f.retry_after.unwrap_or_else(|| backoff(self.overloads));
+            tracing::warn!(profile = %profile.name, status = f.status, wait_ms = wait.as_millis() as u64, "provider overloaded; waiting");
+            // After a 429 everyone on this profile waits, not just this request.
+            return Some(if f.status == 429 {
+                Step::Pause(wait)
             } else {
-                tokio::time::sleep(wait).await;
+                Step::Sleep(wait)
+            });
+        }
+        let transient = (500..600).contains(&f.status) || f.network;
+        if transient && !overloaded && self.server_errors < MAX_SERVER_RETRIES {
+            self.server_errors += 1;
+            return Some(Step::Sleep(backoff(self.server_errors)));
+        }
+        None
+    }
+}
+
+impl Step {
+    /// Carries the step out; `used` is the token of the failed attempt.
+    pub async fn run(self, profile: &Profile, used: &str) -> Result<(), RpcError> {
+        match self {
+            Step::Refresh => {
+                // Only a token that is still current and not brand new is worth replacing:
+                // another request may have refreshed already, or the 401 is not about it.
+                let used = Secret::new(used);
+                profile.token(0, Force::IfStale { used }).await?;
             }
-            continue;
+            Step::Pause(wait) => profile.limiter.pause(wait),
+            Step::Sleep(wait) => tokio::time::sleep(wait).await,
         }
-        let transient = (500..600).contains(&status) || matches!(err, ProviderError::Network(_));
-        if transient && !overloaded && server_errors < MAX_SERVER_RETRIES {
-            server_errors += 1;
-            tokio::time::sleep(backoff(server_errors)).await;
-            continue;
-        }
-        return Err(to_rpc(err));
+        Ok(())
     }
 }
 
 /// Stream error types that mean "busy, try again" on each provider (Anthropic
 /// `overloaded_error`/`rate_limit_error`, Gemini `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, OpenAI
 /// `server_error`/`rate_limit_exceeded`). Only retried before any delta reached the client.
-fn is_overload_kind(kind: &str) -> bool {
+pub fn is_overload_kind(kind: &str) -> bool {
     matches!(
         kind,
         "overloaded_error"

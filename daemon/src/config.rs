@@ -15,6 +15,29 @@ pub struct Config {
     /// `[profiles.NAME]`, ordered by name.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// `[gateway]`: the HTTP gateway; off when absent.
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// `[gateway]`: the providers' own HTTP APIs on loopback (DESIGN.md, "Gateway").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `127.0.0.1:PORT` (or another loopback address); non-loopback is refused.
+    pub listen: Option<String>,
+    /// A Unix socket (0600, in the socket folder) serving the same routes.
+    pub unix: Option<PathBuf>,
+    /// `Origin` values accepted; requests with any other `Origin` are refused.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Largest accepted request body.
+    #[serde(default = "default_gateway_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_gateway_body() -> usize {
+    32 << 20
 }
 
 /// `[daemon]`
@@ -188,6 +211,10 @@ pub struct ProfileConfig {
     pub extra_headers: BTreeMap<String, String>,
     /// Shared limits of this profile.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Serve a subscription login (`oauth`, `claude-cli`, `setup-token`) through the
+    /// HTTP gateway too.
+    #[serde(default)]
+    pub gateway: bool,
 }
 
 /// `[profiles.NAME.rate_limit]`
@@ -223,6 +250,7 @@ impl ProfileConfig {
             region: None,
             extra_headers: BTreeMap::new(),
             rate_limit: None,
+            gateway: false,
         }
     }
 }
@@ -322,9 +350,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .map_err(|(profile, key, msg)| {
             let line = profile
                 .as_deref()
+                .filter(|p| *p != GATEWAY_TABLE)
                 .and_then(|p| find_key_line(text, p, key))
                 .unwrap_or(1);
             let name = match profile {
+                Some(p) if p == GATEWAY_TABLE => format!("gateway.{key}"),
                 Some(p) => format!("profiles.{p}.{key}"),
                 None => format!("daemon.{key}"),
             };
@@ -380,6 +410,9 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     }
     if d.refresh_timeout_secs == 0 {
         return Err((None, "refresh_timeout_secs", "must be at least 1".into()));
+    }
+    if let Some(g) = &cfg.gateway {
+        validate_gateway(g).map_err(|(key, msg)| (Some(GATEWAY_TABLE.into()), key, msg))?;
     }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
@@ -495,6 +528,40 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Marks a `[gateway]` error in [`Invalid`] (whose first field otherwise names a profile).
+const GATEWAY_TABLE: &str = "\0gateway";
+
+fn validate_gateway(g: &GatewayConfig) -> Result<(), (&'static str, String)> {
+    if g.listen.is_none() && g.unix.is_none() {
+        return Err((
+            "listen",
+            "set `listen = \"127.0.0.1:PORT\"` (or `unix`), or leave `[gateway]` out".into(),
+        ));
+    }
+    if let Some(l) = &g.listen {
+        let addr: std::net::SocketAddr = l
+            .parse()
+            .map_err(|_| ("listen", format!("`{l}` is not an IP:PORT address")))?;
+        if !addr.ip().is_loopback() {
+            return Err((
+                "listen",
+                format!(
+                    "`{l}` is not a loopback address; the gateway binds only 127.0.0.0/8 or ::1"
+                ),
+            ));
+        }
+    }
+    if let Some(u) = &g.unix {
+        if !u.is_absolute() {
+            return Err(("unix", format!("`{}` is not an absolute path", u.display())));
+        }
+    }
+    if g.max_body_bytes < 1024 {
+        return Err(("max_body_bytes", "must be at least 1024".into()));
+    }
+    Ok(())
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -550,6 +617,7 @@ pub fn embedded_default() -> Config {
     Config {
         daemon: DaemonConfig::default(),
         profiles,
+        gateway: None,
     }
 }
 
@@ -657,6 +725,25 @@ base_url = "https://api.deepseek.com/v1"
             e.contains("max_concurrent") && e.contains("at least 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn gateway_listens_only_on_loopback() {
+        let cfg = p("[gateway]\nlisten = \"127.0.0.1:8765\"\n").unwrap();
+        assert_eq!(
+            cfg.gateway.unwrap().listen.as_deref(),
+            Some("127.0.0.1:8765")
+        );
+        for bad in ["0.0.0.0:8765", "192.168.1.2:80", "localhost:80"] {
+            let e = p(&format!("[gateway]\nlisten = \"{bad}\"\n"))
+                .unwrap_err()
+                .0;
+            assert!(e.contains("gateway.listen"), "{e}");
+        }
+        let cfg =
+            p("[profiles.c]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\ngateway = true\n")
+                .unwrap();
+        assert!(cfg.profiles["c"].gateway);
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Daemon {
     pub agents: Mutex<BTreeMap<u64, String>>,
     /// Source of connection ids.
     pub next_connection_id: AtomicU64,
+    /// The HTTP gateway, once started.
+    pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
     config_path: PathBuf,
     config_explicit: bool,
     registry: RwLock<Arc<Registry>>,
@@ -89,6 +91,7 @@ impl Daemon {
             tools: ToolRegistry::default(),
             agents: Mutex::new(BTreeMap::new()),
             next_connection_id: AtomicU64::new(1),
+            gateway: std::sync::OnceLock::new(),
             config_path,
             config_explicit,
             registry: RwLock::new(Arc::new(empty)),

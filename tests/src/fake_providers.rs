@@ -292,6 +292,11 @@ impl FakeProviders {
             .await
             .expect("bind fake providers");
         let addr = listener.local_addr().expect("fake providers address");
+        // Real APIs answer without Nagle's delay; without this, small stream events sit
+        // for a delayed ACK (tens of ms) now and then.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

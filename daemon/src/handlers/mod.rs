@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod chat;
 pub mod credentials;
+pub mod gateway;
 pub mod hello;
 pub mod login;
 pub mod reload;
@@ -55,6 +56,7 @@ pub async fn dispatch(
         names::TOOLS_REGISTER => tools::register(ctx, params),
         names::TOOLS_LIST => tools::list(ctx, params),
         names::TOOLS_REMOVE => tools::remove(ctx, params),
+        names::GATEWAY_KEY => gateway::key(ctx, params),
         other => Err(RpcError::new(
             ErrorKind::MethodNotFound,
             format!("no method `{other}`"),
