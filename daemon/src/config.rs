@@ -39,6 +39,10 @@ pub struct DaemonConfig {
     pub idle_timeout_secs: u64,
     /// How long SIGTERM waits for in-flight requests.
     pub shutdown_grace_secs: u64,
+    /// Registered tools kept at most; more are refused with `busy`.
+    pub max_tools: usize,
+    /// Largest accepted tool definition (its JSON), in bytes.
+    pub max_tool_bytes: usize,
 }
 
 impl Default for DaemonConfig {
@@ -53,6 +57,8 @@ impl Default for DaemonConfig {
             max_queued_responses: 1024,
             idle_timeout_secs: 60,
             shutdown_grace_secs: 10,
+            max_tools: 256,
+            max_tool_bytes: 64 * 1024,
         }
     }
 }
@@ -175,6 +181,35 @@ pub struct ProfileConfig {
     pub extra_headers: BTreeMap<String, String>,
     /// Shared limits of this profile.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Provider call timeouts (`[profiles.NAME.timeouts]`).
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+}
+
+/// `[profiles.NAME.timeouts]`: how long one provider call may take at each stage. A call
+/// that runs over fails with `upstream`, naming the host and the timeout that fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// TCP and TLS connection set-up.
+    pub connect_secs: u64,
+    /// From sending the request until the answer's headers arrive.
+    pub first_byte_secs: u64,
+    /// Longest silence between two stream events.
+    pub stream_idle_secs: u64,
+    /// Whole non-streaming call, body included.
+    pub total_secs: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect_secs: 10,
+            first_byte_secs: 120,
+            stream_idle_secs: 90,
+            total_secs: 600,
+        }
+    }
 }
 
 /// `[profiles.NAME.rate_limit]`
@@ -210,6 +245,7 @@ impl ProfileConfig {
             region: None,
             extra_headers: BTreeMap::new(),
             rate_limit: None,
+            timeouts: TimeoutConfig::default(),
         }
     }
 }
@@ -335,6 +371,17 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
+        let t = &p.timeouts;
+        if [
+            t.connect_secs,
+            t.first_byte_secs,
+            t.stream_idle_secs,
+            t.total_secs,
+        ]
+        .contains(&0)
+        {
+            return bad("timeouts", "every timeout must be at least 1 second".into());
+        }
         if name.is_empty()
             || !name
                 .chars()

@@ -74,7 +74,7 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
             (l, socket.display().to_string(), addr)
         }
     };
-    let daemon = Daemon::new(cfg, source.clone(), config_path, explicit);
+    let daemon = Daemon::new(cfg, source.clone(), config_path, explicit)?;
     let profiles: Vec<String> = daemon.registry().profiles.keys().cloned().collect();
     tracing::info!(socket = %shown, config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));
 

@@ -36,6 +36,9 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The request was cancelled.
     Cancelled,
+    /// A kind this version does not know (a newer llmd); the code still tells the class.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorKind {
@@ -55,6 +58,7 @@ impl ErrorKind {
             ErrorKind::Busy => -32006,
             ErrorKind::PermissionDenied => -32007,
             ErrorKind::Cancelled => -32008,
+            ErrorKind::Unknown => -32603,
         }
     }
 
@@ -75,12 +79,15 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Unknown => "unknown",
         }
     }
 
     /// The kind named by a `data.kind` string, if it is one of ours.
     pub fn from_kind_str(s: &str) -> Option<Self> {
-        serde_json::from_value(Value::String(s.to_owned())).ok()
+        serde_json::from_value(Value::String(s.to_owned()))
+            .ok()
+            .filter(|k| *k != ErrorKind::Unknown)
     }
 
     /// The most likely kind for a bare JSON-RPC code (when `data.kind` is absent).

@@ -77,6 +77,9 @@ pub enum ProfileState {
     Error,
     /// No credential is configured or found.
     Missing,
+    /// A state this version does not know (a newer llmd).
+    #[serde(other)]
+    Unknown,
 }
 
 impl fmt::Display for ProfileState {
@@ -87,6 +90,7 @@ impl fmt::Display for ProfileState {
             ProfileState::NeedsLogin => "needs_login",
             ProfileState::Error => "error",
             ProfileState::Missing => "missing",
+            ProfileState::Unknown => "unknown",
         })
     }
 }

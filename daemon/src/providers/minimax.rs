@@ -5,7 +5,6 @@
 use super::openai::{self, Dialect};
 use super::{anthropic, json_body, post, Call, ProviderError, MAX_ERROR_BODY};
 use llmd_proto::chat::{ChatResponse, EmbedResult, Usage};
-use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
 /// Embedding model when the request names none.
@@ -56,7 +55,8 @@ pub(crate) fn check_base_resp(v: &Value) -> Result<(), ProviderError> {
         ProviderError::Http {
             status,
             body,
-            headers: HeaderMap::new(),
+            headers: Box::default(),
+            host: String::new(),
         }
     };
     Err(match code {
@@ -124,6 +124,7 @@ mod tests {
                     status: s,
                     body,
                     headers,
+                    ..
                 }) => {
                     assert_eq!(s, status, "code {code}");
                     assert!(body.contains(&code.to_string()) && headers.is_empty());
@@ -301,6 +302,7 @@ mod tests {
                 &fx.headers,
                 None,
                 &input,
+                crate::providers::Timeouts::default(),
             )
             .await
             .unwrap();
@@ -330,6 +332,7 @@ mod tests {
             &fx.headers,
             None,
             &["x".to_owned()],
+            crate::providers::Timeouts::default(),
         )
         .await;
         assert!(

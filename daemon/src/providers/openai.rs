@@ -64,7 +64,7 @@ pub(crate) async fn chat_at(
                     dialect.who
                 )));
             }
-            stream(SseStream::new(resp), sink, dialect).await
+            stream(SseStream::new(resp, call), sink, dialect).await
         }
     }
 }
@@ -132,7 +132,7 @@ fn push_user(content: &Content, out: &mut Vec<Value>) {
                 }
             }
             // Neither side of a conversation sends these as the user.
-            Block::ToolUse { .. } | Block::Thinking { .. } => {}
+            Block::ToolUse { .. } | Block::Thinking { .. } | Block::Unknown => {}
         }
     }
     if images.is_empty() {
@@ -507,7 +507,7 @@ impl Assembly {
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
 async fn stream(
-    mut events: SseStream,
+    mut events: SseStream<'_>,
     sink: &dyn DeltaSink,
     dialect: &Dialect,
 ) -> Result<ChatResponse, ProviderError> {
@@ -578,14 +578,14 @@ async fn stream(
         }
     }
     if !finished {
-        return Err(ProviderError::Protocol(format!(
-            "{} stream ended before a finish_reason",
+        return Err(ProviderError::EndedEarly(format!(
+            "{} sent no finish_reason",
             dialect.who
         )));
     }
     if dialect.requires_done && !done {
-        return Err(ProviderError::Protocol(format!(
-            "{} stream ended without [DONE]",
+        return Err(ProviderError::EndedEarly(format!(
+            "{} sent no [DONE]",
             dialect.who
         )));
     }
@@ -1128,7 +1128,9 @@ mod tests {
                         ("overloaded_error", "overloaded")
                     );
                 }
-                (Err(ProviderError::Protocol(m)), want) if want != "stream" => {
+                (Err(ProviderError::Protocol(m) | ProviderError::EndedEarly(m)), want)
+                    if want != "stream" =>
+                {
                     assert!(m.contains(want), "{m} should mention {want}");
                 }
                 (other, _) => panic!("{want}: {other:?}"),
@@ -1249,6 +1251,7 @@ mod tests {
             &fx.headers,
             None,
             &input,
+            crate::providers::Timeouts::default(),
         )
         .await
         .unwrap();
