@@ -58,7 +58,7 @@ impl Default for DaemonConfig {
             idle_timeout_secs: 60,
             shutdown_grace_secs: 10,
             max_tools: 256,
-            max_tool_bytes: 64 * 1024,
+            max_tool_bytes: 32 * 1024,
         }
     }
 }
@@ -365,6 +365,17 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     }
     if d.max_queued_responses == 0 {
         return Err((None, "max_queued_responses", "must be at least 1".into()));
+    }
+    if d.max_tool_bytes < 1024 {
+        return Err((None, "max_tool_bytes", "must be at least 1024".into()));
+    }
+    // `tools.list` carries every tool in one line, which a client must be able to read.
+    if d.max_tools.saturating_mul(d.max_tool_bytes) > 64 * 1024 * 1024 {
+        return Err((
+            None,
+            "max_tools",
+            "`max_tools` × `max_tool_bytes` must stay within 64 MiB".into(),
+        ));
     }
     if d.refresh_timeout_secs == 0 {
         return Err((None, "refresh_timeout_secs", "must be at least 1".into()));

@@ -87,7 +87,7 @@ impl Daemon {
             provider_http,
             shutdown: CancellationToken::new(),
             pending_logins: Mutex::new(HashMap::new()),
-            tools: ToolRegistry::default(),
+            tools: ToolRegistry::load(state_dir.join("tools.json")),
             agents: Mutex::new(BTreeMap::new()),
             next_connection_id: AtomicU64::new(1),
             config_path,

@@ -218,6 +218,13 @@ pub fn check_request_blocks(request: &Value) -> Result<(), String> {
     if let Some(sys) = request.get("system") {
         content(sys, "system")?;
     }
+    if let Some(tools) = request.get("tools").and_then(Value::as_array) {
+        for (i, t) in tools.iter().enumerate() {
+            if t.is_object() {
+                check_tool_fields(t).map_err(|e| format!("`tools[{i}]`: {e}"))?;
+            }
+        }
+    }
     if let Some(msgs) = request.get("messages").and_then(Value::as_array) {
         for (i, m) in msgs.iter().enumerate() {
             if let Some(c) = m.get("content") {
@@ -238,9 +245,22 @@ pub enum ToolRef {
     Inline(ToolDef),
 }
 
-/// A tool definition.
+/// Strictness for params: [`ToolDef`] is lenient (it is also a `tools.list` result), so a
+/// definition sent by a client is checked for unknown fields here.
+pub fn check_tool_fields(def: &Value) -> Result<(), String> {
+    if let Some(f) = def.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["name", "description", "input_schema"].contains(&k.as_str()))
+    }) {
+        return Err(format!(
+            "invalid params: unknown field `{f}`, expected one of `name`, `description`, `input_schema`"
+        ));
+    }
+    Ok(())
+}
+
+/// A tool definition. Lenient on decode (results); see [`check_tool_fields`] for params.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ToolDef {
     /// Name the model calls it by.
     pub name: String,

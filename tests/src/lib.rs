@@ -5,5 +5,6 @@ pub mod daemon;
 pub mod fake_oauth;
 pub mod fake_providers;
 pub mod raw;
+pub mod stub;
 
 pub use daemon::{bin_path, Daemon, DaemonBuilder};

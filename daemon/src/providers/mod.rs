@@ -396,9 +396,9 @@ pub async fn post(
     for (k, v) in call.headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    // The connect timeout lives in the client; this one covers connect plus the wait.
-    let wait = call.timeouts.first_byte + call.timeouts.connect;
-    let resp = match tokio::time::timeout(wait, req.send()).await {
+    // The connect timeout lives in the client (and fires first when it is shorter); this
+    // one covers the whole wait for the headers.
+    let resp = match tokio::time::timeout(call.timeouts.first_byte, req.send()).await {
         Ok(r) => r.map_err(|e| call.net_error(&e))?,
         Err(_) => return Err(call.timeout(Stage::FirstByte, call.timeouts.first_byte)),
     };
