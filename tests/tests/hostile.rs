@@ -478,3 +478,56 @@ async fn tools_are_capped_in_number_and_size_and_survive_a_restart() {
         .collect();
     assert_eq!(names, ["one", "two"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_subscribe_replaces_the_first() {
+    use llmd_tests::fake_oauth::{access_of, refresh_of, FakeOAuth};
+    let fake = FakeOAuth::start(3600).await;
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let d = Daemon::builder()
+        .config(&format!(
+            "[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\n",
+            fake.anthropic_url()
+        ))
+        .file(
+            "state/llmd/oauth/work.json",
+            &json!({"access_token": access_of(0), "refresh_token": refresh_of(0), "expires_at": far})
+                .to_string(),
+            0o600,
+        )
+        .start();
+    let mut raw = Raw::connect(&d.socket).await;
+    for id in 1..=3 {
+        let v = raw
+            .call(id, "subscribe", json!({"events": ["token.rotated"]}))
+            .await;
+        assert!(v.get("result").is_some(), "{v}");
+    }
+    let c = d.client().await;
+    c.refresh("work").await.unwrap();
+    let first = raw.recv().await.unwrap();
+    assert_eq!(first["method"], "event", "{first}");
+    // Everything already sent arrives before the answer to a later request.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, before) = answer_after_send(&mut raw, 9, "status").await;
+    assert!(
+        before.iter().all(|v| v["method"] != "event"),
+        "an event was delivered more than once: {before:?}"
+    );
+}
+
+async fn answer_after_send(raw: &mut Raw, id: i64, method: &str) -> (Value, Vec<Value>) {
+    raw.send(
+        format!(
+            "{}\n",
+            json!({"jsonrpc": "2.0", "id": id, "method": method})
+        )
+        .as_bytes(),
+    )
+    .await;
+    answer(raw, id).await
+}

@@ -213,7 +213,7 @@ pub fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(
+pub async fn stream(
     mut events: SseStream<'_>,
     sink: &dyn super::DeltaSink,
 ) -> Result<ChatResponse, ProviderError> {

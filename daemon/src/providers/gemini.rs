@@ -440,7 +440,7 @@ pub fn parse_response(v: &Value, model: &str) -> Result<ChatResponse, ProviderEr
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(
+pub async fn stream(
     mut events: SseStream<'_>,
     sink: &dyn DeltaSink,
     model: &str,

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 pub const DEFAULT_EMBED_MODEL: &str = "embo-01";
 
 /// MiniMax streams may end without `[DONE]`, and hide errors in `base_resp`.
-const DIALECT: Dialect = Dialect {
+/// MiniMax's dialect of the OpenAI format.
+pub const DIALECT: Dialect = Dialect {
     who: "MiniMax",
     requires_done: false,
     check: check_base_resp,

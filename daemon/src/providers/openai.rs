@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 pub const DEFAULT_EMBED_MODEL: &str = "text-embedding-3-small";
 
 /// What differs between servers that speak this wire format.
-pub(crate) struct Dialect {
+pub struct Dialect {
     /// Provider name used in error messages.
     pub who: &'static str,
     /// Whether a stream must end with `data: [DONE]` (MiniMax may just close it).
@@ -25,7 +25,7 @@ pub(crate) struct Dialect {
 }
 
 /// Plain OpenAI-compatible servers: errors come as HTTP statuses or `error` objects.
-pub(crate) const OPENAI: Dialect = Dialect {
+pub const OPENAI: Dialect = Dialect {
     who: "OpenAI-compatible",
     requires_done: true,
     check: |_| Ok(()),
@@ -211,7 +211,7 @@ fn reasoning_effort(budget_tokens: u32) -> &'static str {
 }
 
 /// The request body for `call` (with `stream` only when streaming).
-pub(crate) fn request_body(call: &Call<'_>) -> Value {
+pub fn request_body(call: &Call<'_>) -> Value {
     let r = call.request;
     let mut body = Map::new();
     body.insert("model".into(), call.model.into());
@@ -322,7 +322,7 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
 }
 
 /// Maps a non-streaming chat completion.
-pub(crate) fn parse_response(v: &Value, who: &str) -> Result<ChatResponse, ProviderError> {
+pub fn parse_response(v: &Value, who: &str) -> Result<ChatResponse, ProviderError> {
     if let Some(e) = error_object(v) {
         return Err(e);
     }
@@ -506,7 +506,7 @@ impl Assembly {
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(
+pub async fn stream(
     mut events: SseStream<'_>,
     sink: &dyn DeltaSink,
     dialect: &Dialect,

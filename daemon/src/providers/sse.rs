@@ -39,6 +39,19 @@ impl<'a> SseStream<'a> {
         }
     }
 
+    /// A stream over bytes already in memory (property tests, replays), with the given
+    /// idle timeout and no sink.
+    pub fn from_chunks(chunks: Vec<Vec<u8>>, idle: Duration) -> SseStream<'static> {
+        let items = chunks.into_iter().map(|c| Ok(bytes::Bytes::from(c)));
+        SseStream {
+            body: futures_util::stream::iter(items).boxed(),
+            parser: Parser::default(),
+            idle,
+            host: "memory".into(),
+            sink: None,
+        }
+    }
+
     /// The next event; `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<Event>, ProviderError> {
         loop {
