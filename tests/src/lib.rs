@@ -1,6 +1,7 @@
 //! End-to-end test support: start the real `llmd` binary in a private temporary home,
 //! talk to it over its real socket, and run fake providers on 127.0.0.1.
 
+pub mod claude_code;
 pub mod daemon;
 pub mod fake_oauth;
 pub mod fake_providers;
