@@ -186,11 +186,10 @@ fn log_failure(profile: &str, err: &ProviderError, secrets: &[String]) {
     if matches!(err, ProviderError::Cancelled) {
         return;
     }
-    let msg = crate::secret::scrub(&err.to_string(), secrets.iter().map(String::as_str));
+    let clean = |t: &str| crate::secret::scrub_known(t, secrets.iter().map(String::as_str));
+    let msg = clean(&err.to_string());
     let body = match err {
-        ProviderError::Http { body, .. } => {
-            crate::secret::scrub(body, secrets.iter().map(String::as_str))
-        }
+        ProviderError::Http { body, .. } => clean(body),
         _ => String::new(),
     };
     tracing::warn!(profile, error = %msg, body = %body.escape_debug(), "provider call failed");
@@ -294,9 +293,9 @@ fn validate_tool_calls(resp: &mut ChatResponse, tools: &[Arc<Tool>]) {
 
 /// Maps a provider failure to the protocol's error. `data` carries `host`, `cause` (the
 /// error's source chain) and `body` (the start of the provider's error body), each scrubbed
-/// of `secrets`.
+/// of `secrets` and of every other secret llmd holds.
 pub fn to_rpc(err: ProviderError, secrets: &[String]) -> RpcError {
-    let clean = |t: &str| crate::secret::scrub(t, secrets.iter().map(String::as_str));
+    let clean = |t: &str| crate::secret::scrub_known(t, secrets.iter().map(String::as_str));
     let message = clean(&err.to_string());
     let with_host = |e: RpcError, host: &str| {
         if host.is_empty() {
