@@ -308,8 +308,11 @@ async fn connections_that_never_send_a_byte_are_closed() {
         silent.push(Raw::connect(&d.socket).await);
     }
     for s in &mut silent {
-        // EOF (None) within the read deadline; a panic on timeout otherwise.
-        assert!(s.recv().await.is_none());
+        // EOF within the read deadline (a panic on timeout otherwise). The daemon's own
+        // start-up probe may still hold a slot, so one of these may be refused first.
+        while let Some(v) = s.recv().await {
+            assert_eq!(v["error"]["data"]["kind"], "busy", "{v}");
+        }
     }
     // Their slots are free again.
     let mut fresh = Raw::connect(&d.socket).await;
