@@ -165,12 +165,12 @@ async fn an_error_body_that_echoes_the_key_is_scrubbed() {
     let mut raw = Raw::connect(&d.socket).await;
     let e = raw.call(1, "chat", chat_params(false)).await;
     let text = e.to_string();
-    assert!(!text.contains(KEY), "{text}");
+    assert!(!text.contains(KEY), "the key came back to the client");
     assert_eq!(e["error"]["data"]["status"], 400);
     let body = e["error"]["data"]["body"].as_str().unwrap();
     assert!(
         body.contains("<redacted>") && body.contains("is not allowed"),
-        "{body}"
+        "the body was not scrubbed as expected"
     );
     assert!(!d.logs().contains(KEY), "the key reached the log");
 }
