@@ -301,6 +301,18 @@ async fn main() -> std::process::ExitCode {
     let xs: Vec<f64> = steady.iter().map(|s| s.0 / 60.0).collect();
     let rss_slope = slope(&xs, &steady.iter().map(|s| s.1 as f64).collect::<Vec<_>>());
     let fd_slope = slope(&xs, &steady.iter().map(|s| s.2 as f64).collect::<Vec<_>>());
+    // The second half alone tells a plateau (allocator pools filling) from a leak.
+    let late: Vec<_> = samples.iter().skip(samples.len() / 2).collect();
+    let late_xs: Vec<f64> = late.iter().map(|s| s.0 / 60.0).collect();
+    let rss_late = slope(
+        &late_xs,
+        &late.iter().map(|s| s.1 as f64).collect::<Vec<_>>(),
+    );
+    let fd_late = slope(
+        &late_xs,
+        &late.iter().map(|s| s.2 as f64).collect::<Vec<_>>(),
+    );
+    let mid = samples.get(samples.len() / 2).copied().unwrap_or_default();
     let first = samples.first().copied().unwrap_or_default();
     let last = samples.last().copied().unwrap_or_default();
     let rss_max = samples.iter().map(|s| s.1).max().unwrap_or(0);
@@ -338,12 +350,12 @@ async fn main() -> std::process::ExitCode {
         counts.hostile_lines.load(Ordering::Relaxed)
     );
     println!(
-        "  RSS: {} kB at start, {} kB at end, {rss_max} kB max, slope {rss_slope:+.1} kB/min",
-        first.1, last.1
+        "  RSS: {} kB at start, {} kB halfway, {} kB at end, {rss_max} kB max; slope {rss_slope:+.1} kB/min (second half {rss_late:+.1})",
+        first.1, mid.1, last.1
     );
     println!(
-        "  open fds: {} at start, {} at end, {fd_max} max, slope {fd_slope:+.2} /min",
-        first.2, last.2
+        "  open fds: {} at start, {} halfway, {} at end, {fd_max} max; slope {fd_slope:+.2} /min (second half {fd_late:+.2})",
+        first.2, mid.2, last.2
     );
     for e in errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         println!("  error: {e}");
