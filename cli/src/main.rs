@@ -820,7 +820,7 @@ async fn stream_chat(client: &Client, profile: &str, request: ChatRequest) -> Re
                     let _ = write!(out, "]");
                 }
             }
-            ChatEvent::Delta(Delta::Usage(_)) => {}
+            ChatEvent::Delta(Delta::Usage(_) | Delta::Unknown) => {}
             ChatEvent::Done(resp) => {
                 let _ = writeln!(out);
                 for block in &resp.content {
@@ -888,6 +888,7 @@ fn state_text(p: &ProfileStatus, now: i64) -> String {
         },
         ProfileState::Error => format!("error: {}", p.last_error.as_deref().unwrap_or("unknown")),
         ProfileState::Refreshing => "refreshing".into(),
+        ProfileState::Unknown => "unknown state (a newer llmd?)".into(),
         ProfileState::Ok => match p.expires_at {
             None => "ok".into(),
             Some(_) => expiry(p.expires_at, now),

@@ -51,6 +51,10 @@ impl DeltaSink for TrackedSink<'_> {
         self.started.store(true, Ordering::Relaxed);
         self.inner.send(delta)
     }
+
+    fn ready(&self) -> futures_util::future::BoxFuture<'_, bool> {
+        self.inner.ready()
+    }
 }
 
 /// Runs `req` on `profile`, streaming deltas to `sink` when given.
@@ -82,11 +86,16 @@ pub async fn execute(
     let tracked = sink.map(TrackedSink::new);
     let observe = |h: &reqwest::header::HeaderMap| profile.limiter.observe(h);
     let mut retries = Retries::default();
+    let timeouts = providers::Timeouts::from(&profile.config.timeouts);
+    let http = daemon
+        .provider_http
+        .get(timeouts.connect)
+        .map_err(|e| to_rpc(e, &[]))?;
     loop {
         let permit = profile.limiter.acquire(estimate).await;
         let token = profile.token(MIN_TOKEN_VALIDITY_SECS, Force::No).await?;
         let call = Call {
-            http: &daemon.http,
+            http: &http,
             base_url: profile.base_url(),
             model: &model,
             headers: &token.headers,
@@ -94,7 +103,9 @@ pub async fn execute(
             tools: &defs,
             stream: tracked.as_ref().map(|t| t as &dyn DeltaSink),
             observe: Some(&observe),
+            timeouts,
         };
+        let secrets = known_secrets(&token);
         let err = match providers::chat(profile.config.provider, &call).await {
             Ok(mut resp) => {
                 let u = resp.usage;
@@ -106,9 +117,11 @@ pub async fn execute(
             }
             Err(e) => e,
         };
+        // The slot is free again at once, whatever happens next (a retry waits its turn).
         drop(permit);
+        log_failure(&profile.name, &err, &secrets);
         if tracked.as_ref().is_some_and(|t| t.started()) {
-            return Err(to_rpc(err));
+            return Err(to_rpc(err, &secrets));
         }
         let status = match &err {
             ProviderError::Http { status, .. } => *status,
@@ -117,14 +130,30 @@ pub async fn execute(
         let failure = Failure {
             status,
             overload_event: matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind)),
-            network: matches!(err, ProviderError::Network(_)),
+            // A stalled provider (first byte, idle, total) is not retried: that would hold
+            // the caller several timeouts long. A refused or cut connection is worth another try.
+            network: is_retryable_network(&err),
             retry_after: err.retry_after(),
         };
         match retries.next(profile, &failure) {
             Some(step) => step.run(profile, &token.token).await?,
-            None => return Err(to_rpc(err)),
+            None => return Err(to_rpc(err, &secrets)),
         }
     }
+}
+
+/// A failure before any answer that is worth another attempt: a refused or cut connection,
+/// a connect timeout; not a provider that stalled after accepting the request.
+pub fn is_retryable_network(err: &ProviderError) -> bool {
+    matches!(
+        err,
+        ProviderError::Network { .. }
+            | ProviderError::EndedEarly(_)
+            | ProviderError::Timeout {
+                stage: providers::Stage::Connect,
+                ..
+            }
+    )
 }
 
 /// One failed attempt, as the retry rules see it.
@@ -209,6 +238,28 @@ impl Step {
     }
 }
 
+/// Everything secret in one call: the token and every header value sent (auth headers
+/// and the profile's extra headers).
+pub fn known_secrets(token: &llmd_proto::methods::TokenResult) -> Vec<String> {
+    let mut v = vec![token.token.clone()];
+    v.extend(token.headers.values().cloned());
+    v
+}
+
+/// Logs a failed provider call with its host and cause, scrubbed of secrets.
+fn log_failure(profile: &str, err: &ProviderError, secrets: &[String]) {
+    if matches!(err, ProviderError::Cancelled) {
+        return;
+    }
+    let clean = |t: &str| crate::secret::scrub_known(t, secrets.iter().map(String::as_str));
+    let msg = clean(&err.to_string());
+    let body = match err {
+        ProviderError::Http { body, .. } => clean(body),
+        _ => String::new(),
+    };
+    tracing::warn!(profile, error = %msg, body = %body.escape_debug(), "provider call failed");
+}
+
 /// Stream error types that mean "busy, try again" on each provider (Anthropic
 /// `overloaded_error`/`rate_limit_error`, Gemini `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, OpenAI
 /// `server_error`/`rate_limit_exceeded`). Only retried before any delta reached the client.
@@ -233,6 +284,25 @@ fn backoff(attempt: u32) -> Duration {
 fn check_request(req: &ChatRequest) -> Result<(), RpcError> {
     if req.messages.is_empty() {
         return Err(RpcError::invalid_params("`request.messages` is empty"));
+    }
+    // Results are lenient (an unknown block type decodes); params are strict.
+    let unknown = |c: &Content| {
+        match c {
+        Content::Text(_) => false,
+        Content::Blocks(bs) => bs.iter().any(|b| match b {
+            Block::Unknown => true,
+            Block::ToolResult { content, .. } => {
+                matches!(content, Content::Blocks(inner) if inner.iter().any(|b| matches!(b, Block::Unknown)))
+            }
+            _ => false,
+        }),
+    }
+    };
+    if req.system.as_ref().is_some_and(unknown) || req.messages.iter().any(|m| unknown(&m.content))
+    {
+        return Err(RpcError::invalid_params(
+            "`request`: unknown content block type (known: text, image, tool_use, tool_result, thinking)",
+        ));
     }
     let count = |c: &Content| match c {
         Content::Text(_) => 0,
@@ -286,13 +356,25 @@ fn validate_tool_calls(resp: &mut ChatResponse, tools: &[Arc<Tool>]) {
     }
 }
 
-/// Maps a provider failure to the protocol's error.
-pub fn to_rpc(err: ProviderError) -> RpcError {
+/// Maps a provider failure to the protocol's error. `data` carries `host`, `cause` (the
+/// error's source chain) and `body` (the start of the provider's error body), each scrubbed
+/// of `secrets` and of every other secret llmd holds.
+pub fn to_rpc(err: ProviderError, secrets: &[String]) -> RpcError {
+    let clean = |t: &str| crate::secret::scrub_known(t, secrets.iter().map(String::as_str));
+    let message = clean(&err.to_string());
+    let with_host = |e: RpcError, host: &str| {
+        if host.is_empty() {
+            e
+        } else {
+            e.with("host", host)
+        }
+    };
     match err {
         ProviderError::Http {
             status,
             body,
             headers,
+            host,
         } => {
             let retry = providers::retry_after(&headers);
             let kind = if status == 429 {
@@ -300,28 +382,35 @@ pub fn to_rpc(err: ProviderError) -> RpcError {
             } else {
                 ErrorKind::Upstream
             };
-            let mut e = RpcError::new(kind, format!("provider answered HTTP {status}"))
+            let mut e = RpcError::new(kind, message)
                 .with("status", status)
-                .with("body", Value::String(body));
+                .with("body", Value::String(clean(&body)));
             if let Some(r) = retry {
                 e = e.with("retry_after_ms", r.as_millis() as u64);
             }
-            e
+            with_host(e, &host)
         }
-        ProviderError::Network(m) => RpcError::new(
-            ErrorKind::Upstream,
-            format!("cannot reach the provider: {m}"),
-        )
-        .with("status", 0),
-        ProviderError::Protocol(m) => RpcError::new(
-            ErrorKind::Upstream,
-            format!("bad answer from the provider: {m}"),
+        ProviderError::Network { host, cause } => with_host(
+            RpcError::new(ErrorKind::Upstream, message)
+                .with("status", 0)
+                .with("cause", clean(&cause)),
+            &host,
         ),
-        ProviderError::Stream { kind, message } => RpcError::new(
-            ErrorKind::Upstream,
-            format!("provider stream error {kind}: {message}"),
-        )
-        .with("error_type", kind),
+        ProviderError::Timeout { host, stage, after } => with_host(
+            RpcError::new(ErrorKind::Upstream, message)
+                .with("status", 0)
+                .with("cause", "timeout")
+                .with("timeout", stage.key())
+                .with("timeout_ms", after.as_millis() as u64),
+            &host,
+        ),
+        ProviderError::EndedEarly(_) => {
+            RpcError::new(ErrorKind::Upstream, message).with("cause", "stream ended early")
+        }
+        ProviderError::Protocol(_) => RpcError::new(ErrorKind::Upstream, message),
+        ProviderError::Stream { kind, .. } => {
+            RpcError::new(ErrorKind::Upstream, message).with("error_type", kind)
+        }
         ProviderError::Cancelled => RpcError::new(ErrorKind::Cancelled, "cancelled"),
     }
 }

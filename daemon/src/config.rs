@@ -65,6 +65,10 @@ pub struct DaemonConfig {
     pub idle_timeout_secs: u64,
     /// How long SIGTERM waits for in-flight requests.
     pub shutdown_grace_secs: u64,
+    /// Registered tools kept at most; more are refused with `busy`.
+    pub max_tools: usize,
+    /// Largest accepted tool definition (its JSON), in bytes.
+    pub max_tool_bytes: usize,
 }
 
 impl Default for DaemonConfig {
@@ -80,6 +84,8 @@ impl Default for DaemonConfig {
             max_queued_responses: 1024,
             idle_timeout_secs: 60,
             shutdown_grace_secs: 10,
+            max_tools: 256,
+            max_tool_bytes: 32 * 1024,
         }
     }
 }
@@ -215,6 +221,35 @@ pub struct ProfileConfig {
     /// HTTP gateway too.
     #[serde(default)]
     pub gateway: bool,
+    /// Provider call timeouts (`[profiles.NAME.timeouts]`).
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+}
+
+/// `[profiles.NAME.timeouts]`: how long one provider call may take at each stage. A call
+/// that runs over fails with `upstream`, naming the host and the timeout that fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// TCP and TLS connection set-up.
+    pub connect_secs: u64,
+    /// From sending the request until the answer's headers arrive.
+    pub first_byte_secs: u64,
+    /// Longest silence between two stream events.
+    pub stream_idle_secs: u64,
+    /// Whole non-streaming call, body included.
+    pub total_secs: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect_secs: 10,
+            first_byte_secs: 120,
+            stream_idle_secs: 90,
+            total_secs: 600,
+        }
+    }
 }
 
 /// `[profiles.NAME.rate_limit]`
@@ -251,6 +286,7 @@ impl ProfileConfig {
             extra_headers: BTreeMap::new(),
             rate_limit: None,
             gateway: false,
+            timeouts: TimeoutConfig::default(),
         }
     }
 }
@@ -408,6 +444,17 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     if d.max_queued_responses == 0 {
         return Err((None, "max_queued_responses", "must be at least 1".into()));
     }
+    if d.max_tool_bytes < 1024 {
+        return Err((None, "max_tool_bytes", "must be at least 1024".into()));
+    }
+    // `tools.list` carries every tool in one line, which a client must be able to read.
+    if d.max_tools.saturating_mul(d.max_tool_bytes) > 64 * 1024 * 1024 {
+        return Err((
+            None,
+            "max_tools",
+            "`max_tools` × `max_tool_bytes` must stay within 64 MiB".into(),
+        ));
+    }
     if d.refresh_timeout_secs == 0 {
         return Err((None, "refresh_timeout_secs", "must be at least 1".into()));
     }
@@ -416,6 +463,17 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
+        let t = &p.timeouts;
+        if [
+            t.connect_secs,
+            t.first_byte_secs,
+            t.stream_idle_secs,
+            t.total_secs,
+        ]
+        .contains(&0)
+        {
+            return bad("timeouts", "every timeout must be at least 1 second".into());
+        }
         if name.is_empty()
             || !name
                 .chars()

@@ -107,7 +107,7 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
         }
     };
     let gateway_cfg = cfg.gateway.clone();
-    let daemon = Daemon::new(cfg, source.clone(), config_path, explicit);
+    let daemon = Daemon::new(cfg, source.clone(), config_path, explicit)?;
     if let Some(g) = &gateway_cfg {
         let gw = llmd::gateway::start(daemon.clone(), g).await?;
         let _ = daemon.gateway.set(gw);

@@ -81,6 +81,9 @@ pub enum ProfileState {
     Error,
     /// No credential is configured or found.
     Missing,
+    /// A state this version does not know (a newer llmd).
+    #[serde(other)]
+    Unknown,
 }
 
 impl fmt::Display for ProfileState {
@@ -91,6 +94,7 @@ impl fmt::Display for ProfileState {
             ProfileState::NeedsLogin => "needs_login",
             ProfileState::Error => "error",
             ProfileState::Missing => "missing",
+            ProfileState::Unknown => "unknown",
         })
     }
 }

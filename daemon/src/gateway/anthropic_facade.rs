@@ -399,6 +399,7 @@ impl Encoder for MessageEncoder {
             }
             Delta::BlockStop { .. } => self.close(&mut out),
             Delta::Usage(u) => self.output_tokens = u.output_tokens,
+            Delta::Unknown => {}
         }
         out
     }

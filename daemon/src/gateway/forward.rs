@@ -212,20 +212,44 @@ pub async fn forward(
 ) -> Response {
     let estimate = estimate(&body);
     let mut retries = Retries::default();
+    // The profile's provider timeouts, as for `chat`: connect, first byte, and the silence
+    // before the first chunk. (Later chunks are passed through as they come.)
+    let timeouts = providers::Timeouts::from(&profile.config.timeouts);
+    let http = match gw.daemon.provider_http.get(timeouts.connect) {
+        Ok(h) => h,
+        Err(e) => return rpc_error(shape, crate::chat::to_rpc(e, &[])),
+    };
+    let timed_out = |what: &str, after: std::time::Duration| {
+        GatewayError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            shape,
+            format!(
+                "llmd: the provider sent no {what} within {}s ({} timeout of profile `{}`)",
+                after.as_secs(),
+                if what == "answer" {
+                    "first_byte_secs"
+                } else {
+                    "stream_idle_secs"
+                },
+                profile.name
+            ),
+        )
+        .into_response()
+    };
     loop {
         let permit = profile.limiter.acquire(estimate).await;
         let token = match profile.token(MIN_TOKEN_VALIDITY_SECS, Force::No).await {
             Ok(t) => t,
             Err(e) => return rpc_error(shape, e),
         };
-        let sent = gw
-            .daemon
-            .http
+        let request = http
             .request(parts.method.clone(), &url)
             .headers(upstream_headers(&parts.headers, &token.headers))
             .body(body.clone())
-            .send()
-            .await;
+            .send();
+        let Ok(sent) = tokio::time::timeout(timeouts.first_byte, request).await else {
+            return timed_out("answer", timeouts.first_byte);
+        };
         let (failure, answer) = match sent {
             Ok(resp) => {
                 profile.limiter.observe(resp.headers());
@@ -236,7 +260,11 @@ pub async fn forward(
                     // The first chunk is awaited here: headers and first event then reach
                     // the client in one write, and a stream that fails before its first
                     // byte (or opens with an overload error event) can still be retried.
-                    let (failure, first) = match body.next().await {
+                    let Ok(next) = tokio::time::timeout(timeouts.stream_idle, body.next()).await
+                    else {
+                        return timed_out("first chunk", timeouts.stream_idle);
+                    };
+                    let (failure, first) = match next {
                         Some(Ok(first)) if opens_with_overload(&first) => (
                             Failure {
                                 overload_event: true,
@@ -272,6 +300,13 @@ pub async fn forward(
                 let bytes = read_capped(resp, MAX_ERROR_ANSWER)
                     .await
                     .unwrap_or_default();
+                // An error body may echo the request, the profile's real key among it.
+                let secrets = crate::chat::known_secrets(&token);
+                let text = crate::secret::scrub_known(
+                    &String::from_utf8_lossy(&bytes),
+                    secrets.iter().map(String::as_str),
+                );
+                let bytes = Bytes::from(text.into_bytes());
                 let failure = Failure {
                     status: status.as_u16(),
                     retry_after: providers::retry_after(&headers),

@@ -397,7 +397,8 @@ impl Encoder for ChunkEncoder {
                 }
                 None => return Vec::new(),
             },
-            Delta::BlockStop { .. } | Delta::Usage(_) => return Vec::new(),
+            // A delta kind of a newer proto has nothing to say in OpenAI's format.
+            Delta::BlockStop { .. } | Delta::Usage(_) | Delta::Unknown => return Vec::new(),
         };
         let mut out = Vec::new();
         if !self.started {

@@ -75,6 +75,15 @@ pub fn parse<T: DeserializeOwned>(params: Option<&RawValue>) -> Result<T, RpcErr
     })
 }
 
+/// Like [`parse`], from a value already read (when a handler looked at the raw shape first).
+pub fn parse_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, RpcError> {
+    serde_json::from_value(v).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg);
+        RpcError::invalid_params(format!("invalid params: {msg}"))
+    })
+}
+
 /// Serializes a result.
 pub fn ok<T: Serialize>(value: &T) -> Reply {
     serde_json::value::to_raw_value(value)
