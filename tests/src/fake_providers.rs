@@ -292,6 +292,11 @@ impl FakeProviders {
             .await
             .expect("bind fake providers");
         let addr = listener.local_addr().expect("fake providers address");
+        // Without TCP_NODELAY each small stream event waits for the client's ACK (Nagle),
+        // which paces streams by the client's ACK timing; providers' servers flush events.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
