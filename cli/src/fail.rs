@@ -99,7 +99,9 @@ pub fn code_of(kind: ErrorKind) -> u8 {
         ErrorKind::NeedsLogin | ErrorKind::MissingCredential => code::NEEDS_LOGIN,
         ErrorKind::Upstream | ErrorKind::RefreshFailed | ErrorKind::RateLimited => code::UPSTREAM,
         ErrorKind::PermissionDenied => code::NOT_RUNNING,
-        ErrorKind::Internal | ErrorKind::Busy | ErrorKind::Cancelled => code::FAILURE,
+        ErrorKind::Internal | ErrorKind::Busy | ErrorKind::Cancelled | ErrorKind::Unknown => {
+            code::FAILURE
+        }
     }
 }
 

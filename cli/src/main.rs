@@ -3,6 +3,7 @@
 mod doctor;
 mod envvars;
 mod fail;
+mod gateway;
 mod place;
 mod ui;
 
@@ -168,8 +169,21 @@ enum Cmd {
         #[arg(long)]
         net: bool,
     },
-    /// Print `export LLMD_SOCKET=…` for `eval "$(llmctl env)"`.
-    Env,
+    /// Print `export LLMD_SOCKET=…` for `eval "$(llmctl env)"`; with `--gateway PROFILE`,
+    /// the exports that point SDKs and tools at that profile through the HTTP gateway.
+    Env {
+        /// Profile to reach through the gateway.
+        #[arg(long, value_name = "PROFILE", add = profile_arg())]
+        gateway: Option<String>,
+        /// Use the named gateway key of this agent.
+        #[arg(long, value_name = "NAME", requires = "gateway")]
+        agent: Option<String>,
+    },
+    /// The HTTP gateway: its key.
+    Gateway {
+        #[command(subcommand)]
+        cmd: gateway::GatewayCmd,
+    },
     /// Run a command with the profile's credential in the provider's usual variables
     /// (ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY, …, and base URLs).
     Exec {
@@ -307,7 +321,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 .map_err(|e| Fail::other(e.to_string()))?;
             return Ok(code::OK);
         }
-        Cmd::Env => {
+        Cmd::Env { gateway: None, .. } => {
             let path = socket.to_string_lossy().into_owned();
             if json {
                 print_json(&serde_json::json!({ "LLMD_SOCKET": path }))?;
@@ -358,6 +372,11 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                     s.connections
                 );
                 print!("{}", status_table(&s.profiles, now(), ui::stdout_colour()));
+                if let Some(g) = &s.gateway {
+                    for place in g.listen.iter().chain(g.unix.iter()) {
+                        println!("gateway: {place} (profile P under /p/P)");
+                    }
+                }
                 if s.profiles
                     .iter()
                     .any(|p| p.source.as_ref().is_some_and(|x| !x.shadowed.is_empty()))
@@ -722,7 +741,18 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                 }
             }
         },
-        Cmd::Completions { .. } | Cmd::Env | Cmd::Doctor { .. } => {}
+        Cmd::Completions { .. } | Cmd::Env { gateway: None, .. } | Cmd::Doctor { .. } => {}
+        Cmd::Gateway { cmd } => {
+            gateway::run(&client, cmd).await.map_err(Fail::other)?;
+        }
+        Cmd::Env {
+            gateway: Some(profile),
+            agent,
+        } => {
+            gateway::env(&client, &profile, agent)
+                .await
+                .map_err(Fail::other)?;
+        }
     }
     Ok(code::OK)
 }
@@ -790,7 +820,7 @@ async fn stream_chat(client: &Client, profile: &str, request: ChatRequest) -> Re
                     let _ = write!(out, "]");
                 }
             }
-            ChatEvent::Delta(Delta::Usage(_)) => {}
+            ChatEvent::Delta(Delta::Usage(_) | Delta::Unknown) => {}
             ChatEvent::Done(resp) => {
                 let _ = writeln!(out);
                 for block in &resp.content {
@@ -858,6 +888,7 @@ fn state_text(p: &ProfileStatus, now: i64) -> String {
         },
         ProfileState::Error => format!("error: {}", p.last_error.as_deref().unwrap_or("unknown")),
         ProfileState::Refreshing => "refreshing".into(),
+        ProfileState::Unknown => "unknown state (a newer llmd?)".into(),
         ProfileState::Ok => match p.expires_at {
             None => "ok".into(),
             Some(_) => expiry(p.expires_at, now),

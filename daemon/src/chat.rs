@@ -51,6 +51,10 @@ impl DeltaSink for TrackedSink<'_> {
         self.started.store(true, Ordering::Relaxed);
         self.inner.send(delta)
     }
+
+    fn ready(&self) -> futures_util::future::BoxFuture<'_, bool> {
+        self.inner.ready()
+    }
 }
 
 /// Runs `req` on `profile`, streaming deltas to `sink` when given.
@@ -81,12 +85,17 @@ pub async fn execute(
     let estimate = estimate_tokens(req);
     let tracked = sink.map(TrackedSink::new);
     let observe = |h: &reqwest::header::HeaderMap| profile.limiter.observe(h);
-    let (mut overloads, mut server_errors, mut refreshed) = (0u32, 0u32, false);
+    let mut retries = Retries::default();
+    let timeouts = providers::Timeouts::from(&profile.config.timeouts);
+    let http = daemon
+        .provider_http
+        .get(timeouts.connect)
+        .map_err(|e| to_rpc(e, &[]))?;
     loop {
         let permit = profile.limiter.acquire(estimate).await;
         let token = profile.token(MIN_TOKEN_VALIDITY_SECS, Force::No).await?;
         let call = Call {
-            http: &daemon.http,
+            http: &http,
             base_url: profile.base_url(),
             model: &model,
             headers: &token.headers,
@@ -94,7 +103,9 @@ pub async fn execute(
             tools: &defs,
             stream: tracked.as_ref().map(|t| t as &dyn DeltaSink),
             observe: Some(&observe),
+            timeouts,
         };
+        let secrets = known_secrets(&token);
         let err = match providers::chat(profile.config.provider, &call).await {
             Ok(mut resp) => {
                 let u = resp.usage;
@@ -106,55 +117,153 @@ pub async fn execute(
             }
             Err(e) => e,
         };
+        // The slot is free again at once, whatever happens next (a retry waits its turn).
         drop(permit);
+        log_failure(&profile.name, &err, &secrets);
         if tracked.as_ref().is_some_and(|t| t.started()) {
-            return Err(to_rpc(err));
+            return Err(to_rpc(err, &secrets));
         }
         let status = match &err {
             ProviderError::Http { status, .. } => *status,
             _ => 0,
         };
-        let overloaded = status == 429
-            || status == 529
-            || matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind));
-        if status == 401
-            && !refreshed
+        let failure = Failure {
+            status,
+            overload_event: matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind)),
+            // A stalled provider (first byte, idle, total) is not retried: that would hold
+            // the caller several timeouts long. A refused or cut connection is worth another try.
+            network: is_retryable_network(&err),
+            retry_after: err.retry_after(),
+        };
+        match retries.next(profile, &failure) {
+            Some(step) => step.run(profile, &token.token).await?,
+            None => return Err(to_rpc(err, &secrets)),
+        }
+    }
+}
+
+/// A failure before any answer that is worth another attempt: a refused or cut connection,
+/// a connect timeout; not a provider that stalled after accepting the request.
+pub fn is_retryable_network(err: &ProviderError) -> bool {
+    matches!(
+        err,
+        ProviderError::Network { .. }
+            | ProviderError::EndedEarly(_)
+            | ProviderError::Timeout {
+                stage: providers::Stage::Connect,
+                ..
+            }
+    )
+}
+
+/// One failed attempt, as the retry rules see it.
+#[derive(Debug, Clone, Default)]
+pub struct Failure {
+    /// HTTP status; 0 when there was none.
+    pub status: u16,
+    /// A stream error event that means "busy" (see [`is_overload_kind`]).
+    pub overload_event: bool,
+    /// Connection failure or timeout before an answer.
+    pub network: bool,
+    /// The answer's `retry-after`.
+    pub retry_after: Option<Duration>,
+}
+
+/// The retry budget of one request (DESIGN.md, "Rate limits and retries"), shared by
+/// `chat` and the HTTP gateway so both follow the same rules.
+#[derive(Debug, Default)]
+pub struct Retries {
+    overloads: u32,
+    server_errors: u32,
+    refreshed: bool,
+}
+
+/// What to do before the next attempt.
+#[derive(Debug)]
+pub enum Step {
+    /// Force a refresh of the token that got the 401.
+    Refresh,
+    /// A 429: pause the whole profile this long.
+    Pause(Duration),
+    /// Wait this long (this request only).
+    Sleep(Duration),
+}
+
+impl Retries {
+    /// The next step after `f`, or `None` when the failure is final.
+    pub fn next(&mut self, profile: &Profile, f: &Failure) -> Option<Step> {
+        let overloaded = f.status == 429 || f.status == 529 || f.overload_event;
+        if f.status == 401
+            && !self.refreshed
             && matches!(profile.config.auth, AuthKind::Oauth | AuthKind::ClaudeCli)
         {
             tracing::info!(profile = %profile.name, "provider answered 401; forcing a refresh and retrying once");
-            refreshed = true;
-            // Only a token that is still current and not brand new is worth replacing:
-            // another request may have refreshed already, or the 401 is not about it.
-            let used = Secret::new(token.token.as_str());
-            profile.token(0, Force::IfStale { used }).await?;
-            continue;
+            self.refreshed = true;
+            return Some(Step::Refresh);
         }
-        if overloaded && overloads < MAX_OVERLOAD_RETRIES {
-            overloads += 1;
-            let wait = err.retry_after().unwrap_or_else(|| backoff(overloads));
-            tracing::warn!(profile = %profile.name, status, wait_ms = wait.as_millis() as u64, "provider overloaded; waiting");
-            if status == 429 {
-                // Everyone on this profile waits, not just this request.
-                profile.limiter.pause(wait);
+        if overloaded && self.overloads < MAX_OVERLOAD_RETRIES {
+            self.overloads += 1;
+            let wait = f.retry_after.unwrap_or_else(|| backoff(self.overloads));
+            tracing::warn!(profile = %profile.name, status = f.status, wait_ms = wait.as_millis() as u64, "provider overloaded; waiting");
+            // After a 429 everyone on this profile waits, not just this request.
+            return Some(if f.status == 429 {
+                Step::Pause(wait)
             } else {
-                tokio::time::sleep(wait).await;
-            }
-            continue;
+                Step::Sleep(wait)
+            });
         }
-        let transient = (500..600).contains(&status) || matches!(err, ProviderError::Network(_));
-        if transient && !overloaded && server_errors < MAX_SERVER_RETRIES {
-            server_errors += 1;
-            tokio::time::sleep(backoff(server_errors)).await;
-            continue;
+        let transient = (500..600).contains(&f.status) || f.network;
+        if transient && !overloaded && self.server_errors < MAX_SERVER_RETRIES {
+            self.server_errors += 1;
+            return Some(Step::Sleep(backoff(self.server_errors)));
         }
-        return Err(to_rpc(err));
+        None
     }
+}
+
+impl Step {
+    /// Carries the step out; `used` is the token of the failed attempt.
+    pub async fn run(self, profile: &Profile, used: &str) -> Result<(), RpcError> {
+        match self {
+            Step::Refresh => {
+                // Only a token that is still current and not brand new is worth replacing:
+                // another request may have refreshed already, or the 401 is not about it.
+                let used = Secret::new(used);
+                profile.token(0, Force::IfStale { used }).await?;
+            }
+            Step::Pause(wait) => profile.limiter.pause(wait),
+            Step::Sleep(wait) => tokio::time::sleep(wait).await,
+        }
+        Ok(())
+    }
+}
+
+/// Everything secret in one call: the token and every header value sent (auth headers
+/// and the profile's extra headers).
+pub fn known_secrets(token: &llmd_proto::methods::TokenResult) -> Vec<String> {
+    let mut v = vec![token.token.clone()];
+    v.extend(token.headers.values().cloned());
+    v
+}
+
+/// Logs a failed provider call with its host and cause, scrubbed of secrets.
+fn log_failure(profile: &str, err: &ProviderError, secrets: &[String]) {
+    if matches!(err, ProviderError::Cancelled) {
+        return;
+    }
+    let clean = |t: &str| crate::secret::scrub_known(t, secrets.iter().map(String::as_str));
+    let msg = clean(&err.to_string());
+    let body = match err {
+        ProviderError::Http { body, .. } => clean(body),
+        _ => String::new(),
+    };
+    tracing::warn!(profile, error = %msg, body = %body.escape_debug(), "provider call failed");
 }
 
 /// Stream error types that mean "busy, try again" on each provider (Anthropic
 /// `overloaded_error`/`rate_limit_error`, Gemini `UNAVAILABLE`/`RESOURCE_EXHAUSTED`, OpenAI
 /// `server_error`/`rate_limit_exceeded`). Only retried before any delta reached the client.
-fn is_overload_kind(kind: &str) -> bool {
+pub fn is_overload_kind(kind: &str) -> bool {
     matches!(
         kind,
         "overloaded_error"
@@ -175,6 +284,25 @@ fn backoff(attempt: u32) -> Duration {
 fn check_request(req: &ChatRequest) -> Result<(), RpcError> {
     if req.messages.is_empty() {
         return Err(RpcError::invalid_params("`request.messages` is empty"));
+    }
+    // Results are lenient (an unknown block type decodes); params are strict.
+    let unknown = |c: &Content| {
+        match c {
+        Content::Text(_) => false,
+        Content::Blocks(bs) => bs.iter().any(|b| match b {
+            Block::Unknown => true,
+            Block::ToolResult { content, .. } => {
+                matches!(content, Content::Blocks(inner) if inner.iter().any(|b| matches!(b, Block::Unknown)))
+            }
+            _ => false,
+        }),
+    }
+    };
+    if req.system.as_ref().is_some_and(unknown) || req.messages.iter().any(|m| unknown(&m.content))
+    {
+        return Err(RpcError::invalid_params(
+            "`request`: unknown content block type (known: text, image, tool_use, tool_result, thinking)",
+        ));
     }
     let count = |c: &Content| match c {
         Content::Text(_) => 0,
@@ -228,13 +356,25 @@ fn validate_tool_calls(resp: &mut ChatResponse, tools: &[Arc<Tool>]) {
     }
 }
 
-/// Maps a provider failure to the protocol's error.
-pub fn to_rpc(err: ProviderError) -> RpcError {
+/// Maps a provider failure to the protocol's error. `data` carries `host`, `cause` (the
+/// error's source chain) and `body` (the start of the provider's error body), each scrubbed
+/// of `secrets` and of every other secret llmd holds.
+pub fn to_rpc(err: ProviderError, secrets: &[String]) -> RpcError {
+    let clean = |t: &str| crate::secret::scrub_known(t, secrets.iter().map(String::as_str));
+    let message = clean(&err.to_string());
+    let with_host = |e: RpcError, host: &str| {
+        if host.is_empty() {
+            e
+        } else {
+            e.with("host", host)
+        }
+    };
     match err {
         ProviderError::Http {
             status,
             body,
             headers,
+            host,
         } => {
             let retry = providers::retry_after(&headers);
             let kind = if status == 429 {
@@ -242,28 +382,35 @@ pub fn to_rpc(err: ProviderError) -> RpcError {
             } else {
                 ErrorKind::Upstream
             };
-            let mut e = RpcError::new(kind, format!("provider answered HTTP {status}"))
+            let mut e = RpcError::new(kind, message)
                 .with("status", status)
-                .with("body", Value::String(body));
+                .with("body", Value::String(clean(&body)));
             if let Some(r) = retry {
                 e = e.with("retry_after_ms", r.as_millis() as u64);
             }
-            e
+            with_host(e, &host)
         }
-        ProviderError::Network(m) => RpcError::new(
-            ErrorKind::Upstream,
-            format!("cannot reach the provider: {m}"),
-        )
-        .with("status", 0),
-        ProviderError::Protocol(m) => RpcError::new(
-            ErrorKind::Upstream,
-            format!("bad answer from the provider: {m}"),
+        ProviderError::Network { host, cause } => with_host(
+            RpcError::new(ErrorKind::Upstream, message)
+                .with("status", 0)
+                .with("cause", clean(&cause)),
+            &host,
         ),
-        ProviderError::Stream { kind, message } => RpcError::new(
-            ErrorKind::Upstream,
-            format!("provider stream error {kind}: {message}"),
-        )
-        .with("error_type", kind),
+        ProviderError::Timeout { host, stage, after } => with_host(
+            RpcError::new(ErrorKind::Upstream, message)
+                .with("status", 0)
+                .with("cause", "timeout")
+                .with("timeout", stage.key())
+                .with("timeout_ms", after.as_millis() as u64),
+            &host,
+        ),
+        ProviderError::EndedEarly(_) => {
+            RpcError::new(ErrorKind::Upstream, message).with("cause", "stream ended early")
+        }
+        ProviderError::Protocol(_) => RpcError::new(ErrorKind::Upstream, message),
+        ProviderError::Stream { kind, .. } => {
+            RpcError::new(ErrorKind::Upstream, message).with("error_type", kind)
+        }
         ProviderError::Cancelled => RpcError::new(ErrorKind::Cancelled, "cancelled"),
     }
 }

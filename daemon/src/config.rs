@@ -15,6 +15,29 @@ pub struct Config {
     /// `[profiles.NAME]`, ordered by name.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// `[gateway]`: the HTTP gateway; off when absent.
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// `[gateway]`: the providers' own HTTP APIs on loopback (DESIGN.md, "Gateway").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `127.0.0.1:PORT` (or another loopback address); non-loopback is refused.
+    pub listen: Option<String>,
+    /// A Unix socket (0600, in the socket folder) serving the same routes.
+    pub unix: Option<PathBuf>,
+    /// `Origin` values accepted; requests with any other `Origin` are refused.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Largest accepted request body.
+    #[serde(default = "default_gateway_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_gateway_body() -> usize {
+    32 << 20
 }
 
 /// `[daemon]`
@@ -42,6 +65,10 @@ pub struct DaemonConfig {
     pub idle_timeout_secs: u64,
     /// How long SIGTERM waits for in-flight requests.
     pub shutdown_grace_secs: u64,
+    /// Registered tools kept at most; more are refused with `busy`.
+    pub max_tools: usize,
+    /// Largest accepted tool definition (its JSON), in bytes.
+    pub max_tool_bytes: usize,
 }
 
 impl Default for DaemonConfig {
@@ -57,6 +84,8 @@ impl Default for DaemonConfig {
             max_queued_responses: 1024,
             idle_timeout_secs: 60,
             shutdown_grace_secs: 10,
+            max_tools: 256,
+            max_tool_bytes: 32 * 1024,
         }
     }
 }
@@ -188,6 +217,39 @@ pub struct ProfileConfig {
     pub extra_headers: BTreeMap<String, String>,
     /// Shared limits of this profile.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Serve a subscription login (`oauth`, `claude-cli`, `setup-token`) through the
+    /// HTTP gateway too.
+    #[serde(default)]
+    pub gateway: bool,
+    /// Provider call timeouts (`[profiles.NAME.timeouts]`).
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+}
+
+/// `[profiles.NAME.timeouts]`: how long one provider call may take at each stage. A call
+/// that runs over fails with `upstream`, naming the host and the timeout that fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// TCP and TLS connection set-up.
+    pub connect_secs: u64,
+    /// From sending the request until the answer's headers arrive.
+    pub first_byte_secs: u64,
+    /// Longest silence between two stream events.
+    pub stream_idle_secs: u64,
+    /// Whole non-streaming call, body included.
+    pub total_secs: u64,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect_secs: 10,
+            first_byte_secs: 120,
+            stream_idle_secs: 90,
+            total_secs: 600,
+        }
+    }
 }
 
 /// `[profiles.NAME.rate_limit]`
@@ -223,6 +285,8 @@ impl ProfileConfig {
             region: None,
             extra_headers: BTreeMap::new(),
             rate_limit: None,
+            gateway: false,
+            timeouts: TimeoutConfig::default(),
         }
     }
 }
@@ -322,9 +386,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .map_err(|(profile, key, msg)| {
             let line = profile
                 .as_deref()
+                .filter(|p| *p != GATEWAY_TABLE)
                 .and_then(|p| find_key_line(text, p, key))
                 .unwrap_or(1);
             let name = match profile {
+                Some(p) if p == GATEWAY_TABLE => format!("gateway.{key}"),
                 Some(p) => format!("profiles.{p}.{key}"),
                 None => format!("daemon.{key}"),
             };
@@ -378,11 +444,36 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     if d.max_queued_responses == 0 {
         return Err((None, "max_queued_responses", "must be at least 1".into()));
     }
+    if d.max_tool_bytes < 1024 {
+        return Err((None, "max_tool_bytes", "must be at least 1024".into()));
+    }
+    // `tools.list` carries every tool in one line, which a client must be able to read.
+    if d.max_tools.saturating_mul(d.max_tool_bytes) > 64 * 1024 * 1024 {
+        return Err((
+            None,
+            "max_tools",
+            "`max_tools` × `max_tool_bytes` must stay within 64 MiB".into(),
+        ));
+    }
     if d.refresh_timeout_secs == 0 {
         return Err((None, "refresh_timeout_secs", "must be at least 1".into()));
     }
+    if let Some(g) = &cfg.gateway {
+        validate_gateway(g).map_err(|(key, msg)| (Some(GATEWAY_TABLE.into()), key, msg))?;
+    }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
+        let t = &p.timeouts;
+        if [
+            t.connect_secs,
+            t.first_byte_secs,
+            t.stream_idle_secs,
+            t.total_secs,
+        ]
+        .contains(&0)
+        {
+            return bad("timeouts", "every timeout must be at least 1 second".into());
+        }
         if name.is_empty()
             || !name
                 .chars()
@@ -495,6 +586,40 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Marks a `[gateway]` error in [`Invalid`] (whose first field otherwise names a profile).
+const GATEWAY_TABLE: &str = "\0gateway";
+
+fn validate_gateway(g: &GatewayConfig) -> Result<(), (&'static str, String)> {
+    if g.listen.is_none() && g.unix.is_none() {
+        return Err((
+            "listen",
+            "set `listen = \"127.0.0.1:PORT\"` (or `unix`), or leave `[gateway]` out".into(),
+        ));
+    }
+    if let Some(l) = &g.listen {
+        let addr: std::net::SocketAddr = l
+            .parse()
+            .map_err(|_| ("listen", format!("`{l}` is not an IP:PORT address")))?;
+        if !addr.ip().is_loopback() {
+            return Err((
+                "listen",
+                format!(
+                    "`{l}` is not a loopback address; the gateway binds only 127.0.0.0/8 or ::1"
+                ),
+            ));
+        }
+    }
+    if let Some(u) = &g.unix {
+        if !u.is_absolute() {
+            return Err(("unix", format!("`{}` is not an absolute path", u.display())));
+        }
+    }
+    if g.max_body_bytes < 1024 {
+        return Err(("max_body_bytes", "must be at least 1024".into()));
+    }
+    Ok(())
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -550,6 +675,7 @@ pub fn embedded_default() -> Config {
     Config {
         daemon: DaemonConfig::default(),
         profiles,
+        gateway: None,
     }
 }
 
@@ -657,6 +783,25 @@ base_url = "https://api.deepseek.com/v1"
             e.contains("max_concurrent") && e.contains("at least 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn gateway_listens_only_on_loopback() {
+        let cfg = p("[gateway]\nlisten = \"127.0.0.1:8765\"\n").unwrap();
+        assert_eq!(
+            cfg.gateway.unwrap().listen.as_deref(),
+            Some("127.0.0.1:8765")
+        );
+        for bad in ["0.0.0.0:8765", "192.168.1.2:80", "localhost:80"] {
+            let e = p(&format!("[gateway]\nlisten = \"{bad}\"\n"))
+                .unwrap_err()
+                .0;
+            assert!(e.contains("gateway.listen"), "{e}");
+        }
+        let cfg =
+            p("[profiles.c]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\ngateway = true\n")
+                .unwrap();
+        assert!(cfg.profiles["c"].gateway);
     }
 
     #[test]

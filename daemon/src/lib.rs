@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod credentials;
 pub mod fsutil;
+pub mod gateway;
 pub mod handlers;
 pub mod logging;
 pub mod oauth;

@@ -3,7 +3,7 @@
 //! `LLMD_METHOD=…`, `LLMD_AGENT=…`); otherwise they are human-readable lines on stderr.
 //! `LLMD_LOG` sets the filter (default `info`).
 
-use std::io::IsTerminal;
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -31,13 +31,79 @@ pub fn init() {
             Err(e) => journal_error = Some(e),
         }
     }
+    // Colours stay off: the escaping writer cannot tell llmd's own escapes from a client's.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(|| Escaping(std::io::stderr()))
+        .with_ansi(false)
         .try_init();
     if let Some(e) = journal_error {
         tracing::warn!(error = %e, "stderr is the journal but journald's socket is not reachable; logging to stderr");
+    }
+}
+
+/// `s` with control characters (newlines, ANSI escapes, …) written as `\u{..}` escapes, so
+/// a value from a client cannot forge or colour log lines.
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// A client-chosen name made printable (control characters become `?`), trimmed and cut to
+/// `max` characters.
+pub fn clean_name(s: &str, max: usize) -> String {
+    let s: String = s
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(max)
+        .collect();
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+/// Writes log lines with every control byte except the line's final newline (and tabs)
+/// escaped: whatever a formatted field holds, one event stays one plain line.
+pub struct Escaping<W: Write>(pub W);
+
+impl<W: Write> Write for Escaping<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        if !body.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            self.0.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            if (b < 0x20 && b != b'\t') || b == 0x7f {
+                out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+            } else {
+                out.push(b);
+            }
+        }
+        if body.len() < buf.len() {
+            out.push(b'\n');
+        }
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -73,6 +139,18 @@ pub fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaping_writer_keeps_one_event_on_one_line() {
+        let mut w = Escaping(Vec::new());
+        w.write_all(b"INFO agent=evil\nINFO forged \x1b[31mred\n")
+            .unwrap();
+        let out = String::from_utf8(w.0).unwrap();
+        assert_eq!(out, "INFO agent=evil\\x0aINFO forged \\x1b[31mred\n");
+        assert_eq!(clean_name("a\nb\x1b[0m", 64), "a?b?[0m");
+        assert_eq!(clean_name(&"x".repeat(100), 64).len(), 64);
+        assert_eq!(clean("m\n"), "m\\u{a}");
+    }
 
     #[test]
     fn journal_stream_must_name_this_exact_file() {

@@ -106,7 +106,12 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
             (l, socket.display().to_string(), addr)
         }
     };
-    let daemon = Daemon::new(cfg, source.clone(), config_path, explicit);
+    let gateway_cfg = cfg.gateway.clone();
+    let daemon = Daemon::new(cfg, source.clone(), config_path, explicit)?;
+    if let Some(g) = &gateway_cfg {
+        let gw = llmd::gateway::start(daemon.clone(), g).await?;
+        let _ = daemon.gateway.set(gw);
+    }
     let profiles: Vec<String> = daemon.registry().profiles.keys().cloned().collect();
     tracing::info!(socket = %shown, config = %source, ?profiles, "llmd {} serving", env!("CARGO_PKG_VERSION"));
 

@@ -236,7 +236,14 @@ impl State {
 
     fn settle(&mut self, now: Instant, id: u64, estimate: u64, actual: u64) {
         self.prune(now);
-        if let Some(e) = self.window.iter_mut().find(|e| e.id == id && e.request) {
+        // From the back: the grant being settled is usually recent, and the window holds
+        // every request of the last minute, so a scan from the front grows with traffic.
+        if let Some(e) = self
+            .window
+            .iter_mut()
+            .rev()
+            .find(|e| e.id == id && e.request)
+        {
             self.tokens_in_window = self
                 .tokens_in_window
                 .saturating_sub(e.tokens)

@@ -38,8 +38,10 @@ pub struct Daemon {
     pub connections: AtomicU64,
     /// `token.rotated` / `profile.state` events.
     pub events: broadcast::Sender<Event>,
-    /// HTTP client for token endpoints and providers.
+    /// HTTP client for token endpoints.
     pub http: reqwest::Client,
+    /// HTTP clients for provider calls (one per connect timeout).
+    pub provider_http: crate::providers::HttpClients,
     /// Cancelled on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
     /// Logins between `login.start` and `login.finish`, by profile.
@@ -50,6 +52,8 @@ pub struct Daemon {
     pub agents: Mutex<BTreeMap<u64, String>>,
     /// Source of connection ids.
     pub next_connection_id: AtomicU64,
+    /// The HTTP gateway, once started.
+    pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
     config_path: PathBuf,
     config_explicit: bool,
     registry: RwLock<Arc<Registry>>,
@@ -59,19 +63,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Builds the daemon from a loaded config.
+    /// Builds the daemon from a loaded config. Fails (with a sentence for the user) when
+    /// the HTTP client cannot be built: a client without llmd's timeouts is no fallback.
     pub fn new(
         config: Config,
         source: ConfigSource,
         config_path: PathBuf,
         config_explicit: bool,
-    ) -> Arc<Daemon> {
+    ) -> Result<Arc<Daemon>, String> {
         let (events, _) = broadcast::channel(256);
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("llmd/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let http = crate::providers::build_client(Duration::from_secs(10))?;
+        let provider_http = crate::providers::HttpClients::new()?;
         let state_dir = config::state_dir(&config.daemon);
         let empty = Registry {
             config: Config::default(),
@@ -84,11 +86,13 @@ impl Daemon {
             connections: AtomicU64::new(0),
             events,
             http,
+            provider_http,
             shutdown: CancellationToken::new(),
             pending_logins: Mutex::new(HashMap::new()),
-            tools: ToolRegistry::default(),
+            tools: ToolRegistry::load(state_dir.join("tools.json")),
             agents: Mutex::new(BTreeMap::new()),
             next_connection_id: AtomicU64::new(1),
+            gateway: std::sync::OnceLock::new(),
             config_path,
             config_explicit,
             registry: RwLock::new(Arc::new(empty)),
@@ -96,7 +100,7 @@ impl Daemon {
             watcher: Watcher::spawn(),
         });
         daemon.install(config, source, &BTreeMap::new());
-        daemon
+        Ok(daemon)
     }
 
     /// The current generation.

@@ -143,10 +143,38 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// Registered tools by name.
+/// Registered tools by name; saved to a file (when it has one) so that "register once"
+/// survives a restart.
 #[derive(Debug, Default)]
 pub struct ToolRegistry {
     tools: RwLock<BTreeMap<String, Arc<Tool>>>,
+    file: Option<std::path::PathBuf>,
+    /// Serializes saves so an older snapshot never replaces a newer one.
+    saving: std::sync::Mutex<()>,
+}
+
+/// Why a tool was not registered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    /// The definition is invalid (name, schema, size).
+    Invalid(String),
+    /// The registry is full.
+    Full(usize),
+}
+
+/// Caps of the registry (from `[daemon]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ToolLimits {
+    /// Tools kept at most.
+    pub max_tools: usize,
+    /// Largest definition, in bytes of JSON.
+    pub max_tool_bytes: usize,
+}
+
+/// What the tools file holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    tools: Vec<ToolDef>,
 }
 
 impl ToolRegistry {
@@ -159,12 +187,97 @@ impl ToolRegistry {
         self.tools.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers (or replaces) a tool.
-    pub fn register(&self, def: ToolDef) -> Result<(), String> {
+    /// A registry kept in `file` (0600, replaced atomically on every change), loaded from
+    /// it now. A file that cannot be read or parsed is reported and set aside as `.bad`,
+    /// and tools that no longer compile are skipped: a broken file must not stop the start.
+    pub fn load(file: std::path::PathBuf) -> ToolRegistry {
+        let mut tools = BTreeMap::new();
+        match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
+                Ok(saved) => {
+                    for def in saved.tools {
+                        let name = def.name.clone();
+                        match Tool::compile(def) {
+                            Ok(t) => {
+                                tools.insert(name, Arc::new(t));
+                            }
+                            Err(e) => {
+                                tracing::warn!(tool = %crate::logging::clean(&name), error = %e, "skipping a saved tool")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let bad = file.with_extension("json.bad");
+                    tracing::warn!(file = %file.display(), error = %e, moved_to = %bad.display(), "tools file is not valid; starting without saved tools");
+                    let _ = std::fs::rename(&file, &bad);
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read the tools file")
+            }
+        }
+        ToolRegistry {
+            tools: RwLock::new(tools),
+            file: Some(file),
+            saving: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Writes the current set to the file; a failure is logged (the tools still work
+    /// until the daemon stops).
+    fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let _one = crate::sync::lock(&self.saving);
+        let saved = Saved { tools: self.list() };
+        let result = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                if let Some(dir) = file.parent() {
+                    crate::fsutil::ensure_private_dir(dir).map_err(std::io::Error::other)?;
+                }
+                crate::fsutil::write_secret_atomic(file, &bytes)
+            });
+        if let Err(e) = result {
+            tracing::warn!(file = %file.display(), error = %e, "cannot save registered tools");
+        }
+    }
+
+    /// Registers (or replaces) a tool. `size` is the definition's JSON length.
+    pub fn register(
+        &self,
+        def: ToolDef,
+        size: usize,
+        limits: ToolLimits,
+    ) -> Result<(), RegisterError> {
+        if size > limits.max_tool_bytes {
+            return Err(RegisterError::Invalid(format!(
+                "the definition is {size} bytes; at most {} are accepted (`max_tool_bytes`)",
+                limits.max_tool_bytes
+            )));
+        }
         // Compiled before taking the lock: a big schema must not stall readers.
-        let tool = Arc::new(Tool::compile(def)?);
-        self.write().insert(tool.def.name.clone(), tool);
+        let tool = Arc::new(Tool::compile(def).map_err(RegisterError::Invalid)?);
+        {
+            let mut tools = self.write();
+            if !tools.contains_key(&tool.def.name) && tools.len() >= limits.max_tools {
+                return Err(RegisterError::Full(limits.max_tools));
+            }
+            tools.insert(tool.def.name.clone(), tool);
+        }
+        self.save();
         Ok(())
+    }
+
+    /// Number of registered tools.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// True when no tool is registered.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
     }
 
     /// Every registered tool, by name.
@@ -174,7 +287,11 @@ impl ToolRegistry {
 
     /// Removes a tool; false when there was none.
     pub fn remove(&self, name: &str) -> bool {
-        self.write().remove(name).is_some()
+        let removed = self.write().remove(name).is_some();
+        if removed {
+            self.save();
+        }
+        removed
     }
 
     /// A registered tool.
@@ -746,14 +863,62 @@ mod tests {
         assert_eq!(errs[0].chars().count(), MAX_ERROR_CHARS + 1);
     }
 
+    const LIM: ToolLimits = ToolLimits {
+        max_tools: 100,
+        max_tool_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn limits_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state/tools.json");
+        let reg = ToolRegistry::load(file.clone());
+        let two = ToolLimits {
+            max_tools: 2,
+            max_tool_bytes: 100,
+        };
+        reg.register(def("a", json!({"type": "object"})), 10, two)
+            .unwrap();
+        reg.register(def("b", json!({"type": "object"})), 10, two)
+            .unwrap();
+        assert_eq!(
+            reg.register(def("c", json!({"type": "object"})), 10, two),
+            Err(RegisterError::Full(2))
+        );
+        // Replacing an existing tool is not an addition.
+        reg.register(weather_named("b"), 10, two).unwrap();
+        assert!(matches!(
+            reg.register(def("a", json!({"type": "object"})), 101, two),
+            Err(RegisterError::Invalid(m)) if m.contains("max_tool_bytes")
+        ));
+        assert!(reg.remove("a"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = ToolRegistry::load(file.clone());
+        let names: Vec<String> = again.list().into_iter().map(|d| d.name).collect();
+        assert_eq!(names, ["b"]);
+        assert_eq!(again.get("b").unwrap().def, weather_named("b"));
+        std::fs::write(&file, b"{not json").unwrap();
+        assert!(ToolRegistry::load(file.clone()).is_empty());
+        assert!(file.with_extension("json.bad").exists());
+    }
+
+    fn weather_named(name: &str) -> ToolDef {
+        ToolDef {
+            name: name.into(),
+            ..weather()
+        }
+    }
+
     #[test]
     fn registry_register_list_get_remove() {
         let reg = ToolRegistry::default();
         assert!(reg.list().is_empty());
-        reg.register(def("zeta", json!({"type": "object"})))
+        reg.register(def("zeta", json!({"type": "object"})), 0, LIM)
             .unwrap();
-        reg.register(weather()).unwrap();
-        reg.register(def("alpha", json!({"type": "object"})))
+        reg.register(weather(), 0, LIM).unwrap();
+        reg.register(def("alpha", json!({"type": "object"})), 0, LIM)
             .unwrap();
         let names: Vec<String> = reg.list().into_iter().map(|d| d.name).collect();
         assert_eq!(names, ["alpha", "get_weather", "zeta"]);
@@ -765,7 +930,7 @@ mod tests {
             .validate(&json!({"n": "x"}))
             .is_empty());
         let strict = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
-        reg.register(def("alpha", strict.clone())).unwrap();
+        reg.register(def("alpha", strict.clone()), 0, LIM).unwrap();
         assert_eq!(reg.list().len(), 3);
         assert_eq!(reg.get("alpha").unwrap().def.input_schema, strict);
         assert_eq!(
@@ -774,7 +939,9 @@ mod tests {
         );
 
         // A bad re-registration keeps the old tool.
-        assert!(reg.register(def("alpha", json!({"type": "nope"}))).is_err());
+        assert!(reg
+            .register(def("alpha", json!({"type": "nope"})), 0, LIM)
+            .is_err());
         assert_eq!(reg.get("alpha").unwrap().def.input_schema, strict);
 
         assert!(reg.remove("zeta"));
@@ -786,7 +953,7 @@ mod tests {
     #[test]
     fn resolve_named_and_inline_tools() {
         let reg = ToolRegistry::default();
-        reg.register(weather()).unwrap();
+        reg.register(weather(), 0, LIM).unwrap();
         let inline = def(
             "lookup",
             json!({"type": "object", "properties": {"q": {"type": "string"}}}),

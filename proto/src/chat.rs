@@ -121,9 +121,11 @@ pub enum CacheTtl {
     OneHour,
 }
 
-/// A content block.
+/// A content block. Lenient (results): unknown fields are ignored and an unknown block
+/// type reads as [`Block::Unknown`], so a newer llmd does not break an older client; the
+/// daemon refuses `Unknown` blocks in requests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Block {
     /// Text.
     Text {
@@ -170,6 +172,67 @@ pub enum Block {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         signature: Option<String>,
     },
+    /// A block type this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Fields each block type may carry in a request; `None` for an unknown type.
+fn request_block_fields(kind: &str) -> Option<&'static [&'static str]> {
+    Some(match kind {
+        "text" => &["type", "text", "cache"],
+        "image" => &["type", "media_type", "data"],
+        "tool_use" => &["type", "id", "name", "input", "validation_errors"],
+        "tool_result" => &["type", "tool_use_id", "content", "is_error"],
+        "thinking" => &["type", "text", "signature"],
+        _ => return None,
+    })
+}
+
+/// Strictness for params: [`Block`] itself is lenient (so results from a newer llmd
+/// decode), so a request's blocks are checked here, before decoding, for unknown types and
+/// fields. The error names the block (`messages[2].content[1]`) and the field.
+pub fn check_request_blocks(request: &Value) -> Result<(), String> {
+    fn content(v: &Value, at: &str) -> Result<(), String> {
+        let Some(blocks) = v.as_array() else {
+            return Ok(());
+        };
+        for (i, b) in blocks.iter().enumerate() {
+            let at = format!("{at}[{i}]");
+            let Some(obj) = b.as_object() else { continue };
+            let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+            let Some(fields) = request_block_fields(kind) else {
+                return Err(format!(
+                    "`{at}`: unknown block type `{kind}` (known: text, image, tool_use, tool_result, thinking)"
+                ));
+            };
+            if let Some(f) = obj.keys().find(|k| !fields.contains(&k.as_str())) {
+                return Err(format!("`{at}`: unknown field `{f}` in a `{kind}` block"));
+            }
+            if let Some(inner) = obj.get("content") {
+                content(inner, &format!("{at}.content"))?;
+            }
+        }
+        Ok(())
+    }
+    if let Some(sys) = request.get("system") {
+        content(sys, "system")?;
+    }
+    if let Some(tools) = request.get("tools").and_then(Value::as_array) {
+        for (i, t) in tools.iter().enumerate() {
+            if t.is_object() {
+                check_tool_fields(t).map_err(|e| format!("`tools[{i}]`: {e}"))?;
+            }
+        }
+    }
+    if let Some(msgs) = request.get("messages").and_then(Value::as_array) {
+        for (i, m) in msgs.iter().enumerate() {
+            if let Some(c) = m.get("content") {
+                content(c, &format!("messages[{i}].content"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A tool named by registration, or defined inline.
@@ -182,9 +245,22 @@ pub enum ToolRef {
     Inline(ToolDef),
 }
 
-/// A tool definition.
+/// Strictness for params: [`ToolDef`] is lenient (it is also a `tools.list` result), so a
+/// definition sent by a client is checked for unknown fields here.
+pub fn check_tool_fields(def: &Value) -> Result<(), String> {
+    if let Some(f) = def.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["name", "description", "input_schema"].contains(&k.as_str()))
+    }) {
+        return Err(format!(
+            "invalid params: unknown field `{f}`, expected one of `name`, `description`, `input_schema`"
+        ));
+    }
+    Ok(())
+}
+
+/// A tool definition. Lenient on decode (results); see [`check_tool_fields`] for params.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ToolDef {
     /// Name the model calls it by.
     pub name: String,
@@ -255,7 +331,8 @@ pub enum StopReason {
     ToolUse,
     /// Hit a stop sequence.
     StopSequence,
-    /// Anything else (safety, refusal, …).
+    /// Anything else (safety, refusal, …), including reasons a newer llmd adds.
+    #[serde(other)]
     Other,
 }
 
@@ -311,6 +388,9 @@ pub enum Delta {
     },
     /// Token accounting so far.
     Usage(Usage),
+    /// A delta type this version does not know (a newer llmd); skip it.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Params of the `chat.delta` notification.
@@ -404,11 +484,39 @@ mod tests {
     }
 
     #[test]
-    fn unknown_block_fields_are_rejected() {
-        let e =
-            serde_json::from_value::<Block>(json!({"type": "text", "text": "x", "cahce": "5m"}))
-                .unwrap_err();
-        assert!(e.to_string().contains("cahce"), "{e}");
+    fn unknown_block_fields_are_rejected_in_requests_only() {
+        let typo = json!({"type": "text", "text": "x", "cahce": "5m"});
+        let req = json!({"messages": [{"role": "user", "content": [typo.clone()]}]});
+        let e = check_request_blocks(&req).unwrap_err();
+        assert!(
+            e.contains("cahce") && e.contains("messages[0].content[0]"),
+            "{e}"
+        );
+        let nested = json!({"system": "s", "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "video"}]}]}]});
+        assert!(check_request_blocks(&nested).unwrap_err().contains("video"));
+        let fine = json!({"system": [{"type": "text", "text": "s", "cache": "1h"}],
+            "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(check_request_blocks(&fine), Ok(()));
+        // A result from a newer llmd still decodes.
+        let b: Block = serde_json::from_value(typo).unwrap();
+        assert!(matches!(b, Block::Text { .. }));
+    }
+
+    #[test]
+    fn results_from_a_newer_llmd_decode() {
+        let resp: ChatResponse = serde_json::from_value(json!({
+            "id": "m", "model": "x", "new_top_field": 1,
+            "content": [{"type": "text", "text": "a", "new_field": true}, {"type": "hologram", "x": 1}],
+            "stop_reason": "out_of_coffee",
+            "usage": {"input_tokens": 1, "output_tokens": 2, "new_count": 3}
+        }))
+        .unwrap();
+        assert_eq!(resp.content[1], Block::Unknown);
+        assert_eq!(resp.stop_reason, StopReason::Other);
+        let d: ChatDelta =
+            serde_json::from_value(json!({"id": 1, "delta": {"type": "sparkle", "n": 1}})).unwrap();
+        assert_eq!(d.delta, Delta::Unknown);
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Cancelled,
     /// No key or token is configured or found for the profile (not a dead login).
     MissingCredential,
+    /// A kind this version does not know (a newer llmd); the code still tells the class.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorKind {
@@ -58,6 +61,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => -32007,
             ErrorKind::Cancelled => -32008,
             ErrorKind::MissingCredential => -32009,
+            ErrorKind::Unknown => -32603,
         }
     }
 
@@ -79,12 +83,15 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::MissingCredential => "missing_credential",
+            ErrorKind::Unknown => "unknown",
         }
     }
 
     /// The kind named by a `data.kind` string, if it is one of ours.
     pub fn from_kind_str(s: &str) -> Option<Self> {
-        serde_json::from_value(Value::String(s.to_owned())).ok()
+        serde_json::from_value(Value::String(s.to_owned()))
+            .ok()
+            .filter(|k| *k != ErrorKind::Unknown)
     }
 
     /// The most likely kind for a bare JSON-RPC code (when `data.kind` is absent).

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use std::fmt;
 
-/// A request id: a number or a string (JSON-RPC 2.0 allows both).
+/// A request id: a number, a string or null (JSON-RPC 2.0 allows all three; null is
+/// discouraged but still a request that gets an answer).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Id {
@@ -14,6 +15,8 @@ pub enum Id {
     Num(i64),
     /// String id.
     Str(String),
+    /// `"id": null`.
+    Null,
 }
 
 impl fmt::Display for Id {
@@ -21,6 +24,7 @@ impl fmt::Display for Id {
         match self {
             Id::Num(n) => write!(f, "{n}"),
             Id::Str(s) => write!(f, "{s:?}"),
+            Id::Null => f.write_str("null"),
         }
     }
 }
@@ -51,14 +55,24 @@ impl<'de> Deserialize<'de> for V2 {
 pub struct Request {
     /// Always `"2.0"`.
     pub jsonrpc: V2,
-    /// Request id; responses echo it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Request id; responses echo it. Absent means a notification; `null` is
+    /// `Some(Id::Null)`, a request answered with `"id": null`.
+    #[serde(
+        default,
+        deserialize_with = "present_id",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub id: Option<Id>,
     /// Method name.
     pub method: String,
     /// Method params, kept raw so each handler parses its own shape.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Box<RawValue>>,
+}
+
+/// A present `id` field, null included (plain `Option` would read null as absent).
+fn present_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
+    Id::deserialize(d).map(Some)
 }
 
 impl Request {
@@ -75,6 +89,7 @@ impl Request {
                 serde_json::error::Category::Data => {
                     #[derive(Deserialize)]
                     struct IdOnly {
+                        #[serde(default, deserialize_with = "present_id")]
                         id: Option<Id>,
                     }
                     let id = serde_json::from_slice::<IdOnly>(line)

@@ -42,6 +42,8 @@ pub mod names {
     pub const TOOLS_LIST: &str = "tools.list";
     /// `tools.remove`
     pub const TOOLS_REMOVE: &str = "tools.remove";
+    /// `gateway.key`
+    pub const GATEWAY_KEY: &str = "gateway.key";
 }
 
 /// `hello` params.
@@ -79,6 +81,9 @@ pub enum ProfileState {
     Error,
     /// No credential is configured or found.
     Missing,
+    /// A state this version does not know (a newer llmd).
+    #[serde(other)]
+    Unknown,
 }
 
 impl fmt::Display for ProfileState {
@@ -89,6 +94,7 @@ impl fmt::Display for ProfileState {
             ProfileState::NeedsLogin => "needs_login",
             ProfileState::Error => "error",
             ProfileState::Missing => "missing",
+            ProfileState::Unknown => "unknown",
         })
     }
 }
@@ -191,6 +197,42 @@ pub struct StatusResult {
     /// The folder holding stored keys and bundles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<String>,
+    /// The HTTP gateway, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+}
+
+/// Where the HTTP gateway listens and who used it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    /// `http://127.0.0.1:PORT`; profile `P` is under `/p/P`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Path of the gateway's Unix socket.
+    #[serde(default)]
+    pub unix: Option<String>,
+    /// Requests since start by agent (named keys), `(main key)` for the main key.
+    #[serde(default)]
+    pub requests_by_agent: std::collections::BTreeMap<String, u64>,
+}
+
+/// `gateway.key` params.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayKeyParams {
+    /// Issue the named key of this agent instead of the main key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+/// `gateway.key` result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayKeyResult {
+    /// The key to send (as `x-api-key`, `Authorization: Bearer`, …).
+    pub key: String,
+    /// `http://127.0.0.1:PORT`, when the gateway listens on TCP.
+    #[serde(default)]
+    pub base_url: Option<String>,
 }
 
 /// Params naming one profile (`refresh`, `login.start`).

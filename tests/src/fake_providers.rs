@@ -292,8 +292,8 @@ impl FakeProviders {
             .await
             .expect("bind fake providers");
         let addr = listener.local_addr().expect("fake providers address");
-        // Without TCP_NODELAY each small stream event waits for the client's ACK (Nagle),
-        // which paces streams by the client's ACK timing; providers' servers flush events.
+        // Real APIs answer without Nagle's delay; without this, small stream events sit
+        // for a delayed ACK (tens of ms) now and then.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });

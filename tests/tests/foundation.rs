@@ -504,8 +504,10 @@ async fn half_written_line_past_idle_timeout_is_closed() {
     let t0 = std::time::Instant::now();
     assert!(slow.recv().await.is_none(), "closed");
     assert!(t0.elapsed() < Duration::from_secs(10));
-    // A connection that is idle between whole requests is not closed.
+    // A connection that is idle between whole requests is not closed (one that never
+    // sent a byte is: see hostile.rs).
     let mut idle = Raw::connect(&d.socket).await;
+    assert!(idle.call(1, "status", json!({})).await["result"].is_object());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(idle.call(2, "status", json!({})).await["result"].is_object());
 }

@@ -28,11 +28,20 @@ impl DeltaSink for ConnSink {
                 .conn
                 .send(encode_line(&Notification::new(names::CHAT_DELTA, &note)))
     }
+
+    fn ready(&self) -> futures_util::future::BoxFuture<'_, bool> {
+        Box::pin(self.conn.wait_for_room())
+    }
 }
 
 /// Runs a chat request; with `stream: true`, deltas go out first.
 pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Reply {
-    let p: ChatParams = parse(params)?;
+    let v: serde_json::Value = parse(params)?;
+    if let Some(req) = v.get("request") {
+        llmd_proto::chat::check_request_blocks(req)
+            .map_err(|e| RpcError::invalid_params(format!("`request.{}", &e[1..])))?;
+    }
+    let p: ChatParams = super::parse_value(v)?;
     let profile = ctx.daemon.profile(&p.profile)?;
     let sink = match (p.stream, id) {
         (true, Some(id)) => Some(ConnSink {
@@ -72,15 +81,23 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         )));
     }
     let token = profile.token(60, crate::refresh::Force::No).await?;
+    let timeouts = crate::providers::Timeouts::from(&profile.config.timeouts);
+    let secrets = chat::known_secrets(&token);
+    let http = ctx
+        .daemon
+        .provider_http
+        .get(timeouts.connect)
+        .map_err(|e| chat::to_rpc(e, &secrets))?;
     let result = crate::providers::embed(
         profile.config.provider,
-        &ctx.daemon.http,
+        &http,
         profile.base_url(),
         &token.headers,
         p.model.as_deref(),
         &p.input,
+        timeouts,
     )
     .await
-    .map_err(chat::to_rpc)?;
+    .map_err(|e| chat::to_rpc(e, &secrets))?;
     ok(&result)
 }

@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod chat;
 pub mod credentials;
+pub mod gateway;
 pub mod hello;
 pub mod login;
 pub mod reload;
@@ -55,6 +56,7 @@ pub async fn dispatch(
         names::TOOLS_REGISTER => tools::register(ctx, params),
         names::TOOLS_LIST => tools::list(ctx, params),
         names::TOOLS_REMOVE => tools::remove(ctx, params),
+        names::GATEWAY_KEY => gateway::key(ctx, params),
         other => Err(RpcError::new(
             ErrorKind::MethodNotFound,
             format!("no method `{other}`"),
@@ -68,6 +70,15 @@ pub fn parse<T: DeserializeOwned>(params: Option<&RawValue>) -> Result<T, RpcErr
     serde_json::from_str(text).map_err(|e| {
         let msg = e.to_string();
         // serde's messages carry " at line 1 column N", which means nothing to a caller.
+        let msg = msg.split(" at line ").next().unwrap_or(&msg);
+        RpcError::invalid_params(format!("invalid params: {msg}"))
+    })
+}
+
+/// Like [`parse`], from a value already read (when a handler looked at the raw shape first).
+pub fn parse_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, RpcError> {
+    serde_json::from_value(v).map_err(|e| {
+        let msg = e.to_string();
         let msg = msg.split(" at line ").next().unwrap_or(&msg);
         RpcError::invalid_params(format!("invalid params: {msg}"))
     })

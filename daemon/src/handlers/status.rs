@@ -42,5 +42,6 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             .collect(),
         config: Some(reg.source.to_string()),
         state_dir: Some(reg.state_dir.display().to_string()),
+        gateway: d.gateway.get().map(|g| g.status()),
     })
 }

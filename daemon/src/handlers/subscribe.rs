@@ -1,4 +1,5 @@
-//! `subscribe`: forward `event` notifications to this connection.
+//! `subscribe`: forward `event` notifications to this connection (one subscription per
+//! connection; the latest call's filter applies).
 
 use super::{ok, parse, Ctx, Reply};
 use llmd_proto::methods::{event_kinds, names, Empty, SubscribeParams};
@@ -6,7 +7,8 @@ use llmd_proto::{encode_line, Notification, RpcError};
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
-/// Starts forwarding the chosen event kinds until the connection closes.
+/// Starts forwarding the chosen event kinds until the connection closes or subscribes
+/// again.
 pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: SubscribeParams = parse(params)?;
     for kind in &p.events {
@@ -18,11 +20,16 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     }
     let mut rx = ctx.daemon.events.subscribe();
     let conn = ctx.conn.clone();
+    // One subscription per connection: a second `subscribe` replaces the first, so events
+    // are never delivered twice and repeated calls hold nothing more.
+    let ended = tokio_util::sync::CancellationToken::new();
+    conn.replace_subscription(ended.clone());
     tokio::spawn(async move {
         loop {
             let event = tokio::select! {
                 e = rx.recv() => e,
                 _ = conn.closing.cancelled() => break,
+                _ = ended.cancelled() => break,
             };
             match event {
                 Ok(e) if p.events.is_empty() || p.events.contains(&e.kind) => {

@@ -26,7 +26,7 @@ pub async fn chat(call: &Call<'_>) -> Result<ChatResponse, ProviderError> {
     let resp = post(&call, &url, &body).await?;
     match call.stream {
         None => parse_response(&json_body(resp, "Anthropic").await?),
-        Some(sink) => stream(SseStream::new(resp), sink).await,
+        Some(sink) => stream(SseStream::new(resp, &call), sink).await,
     }
 }
 
@@ -66,6 +66,8 @@ fn block_json(b: &Block) -> Value {
         Block::Thinking { text, signature } => {
             json!({"type": "thinking", "thinking": text, "signature": signature.clone().unwrap_or_default()})
         }
+        // Refused in requests before any provider sees them (`chat::check_request`).
+        Block::Unknown => json!({"type": "text", "text": ""}),
     }
 }
 
@@ -211,8 +213,8 @@ pub fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(
-    mut events: SseStream,
+pub async fn stream(
+    mut events: SseStream<'_>,
     sink: &dyn super::DeltaSink,
 ) -> Result<ChatResponse, ProviderError> {
     let mut resp = ChatResponse {
@@ -387,9 +389,7 @@ async fn stream(
         }
     }
     if !stopped {
-        return Err(ProviderError::Protocol(
-            "stream ended before message_stop".into(),
-        ));
+        return Err(ProviderError::EndedEarly("no message_stop".into()));
     }
     resp.content = done.into_values().collect();
     Ok(resp)
@@ -443,6 +443,7 @@ mod tests {
             tools: &tools,
             stream: None,
             observe: None,
+            timeouts: crate::providers::Timeouts::default(),
         };
         let b = request_body(&call);
         assert_eq!(b["model"], "claude-x");
@@ -540,6 +541,7 @@ mod tests {
             tools: &tools,
             stream: Some(sink),
             observe: None,
+            timeouts: crate::providers::Timeouts::default(),
         };
         let out = chat(&call).await;
         let _ = seen.await;
@@ -606,7 +608,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(e, ProviderError::Protocol(ref m) if m.contains("message_stop")),
+            matches!(e, ProviderError::EndedEarly(ref m) if m.contains("message_stop")),
             "{e}"
         );
         let overloaded = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";

@@ -36,7 +36,7 @@ pub async fn chat(call: &Call<'_>) -> Result<ChatResponse, ProviderError> {
     let resp = post(call, &url, &body).await?;
     match call.stream {
         None => parse_response(&json_body(resp, "Gemini").await?, call.model),
-        Some(sink) => stream(SseStream::new(resp), sink, call.model).await,
+        Some(sink) => stream(SseStream::new(resp, call), sink, call.model).await,
     }
 }
 
@@ -112,6 +112,8 @@ fn parts(content: &Content, earlier: &[Message]) -> Result<Vec<Value>, ProviderE
                 }
                 p
             }
+            // Refused in requests before any provider sees them (`chat::check_request`).
+            Block::Unknown => continue,
         };
         if let Some(s) = signature.take() {
             part["thoughtSignature"] = s.into();
@@ -438,8 +440,8 @@ pub fn parse_response(v: &Value, model: &str) -> Result<ChatResponse, ProviderEr
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(
-    mut events: SseStream,
+pub async fn stream(
+    mut events: SseStream<'_>,
     sink: &dyn DeltaSink,
     model: &str,
 ) -> Result<ChatResponse, ProviderError> {
@@ -469,8 +471,8 @@ async fn stream(
         stop = asm.chunk(&v)?;
     }
     let Some(stop_reason) = stop else {
-        return Err(ProviderError::Protocol(
-            "Gemini stream ended before a finishReason".into(),
+        return Err(ProviderError::EndedEarly(
+            "Gemini sent no finishReason".into(),
         ));
     };
     if let Some(u) = u {
@@ -895,7 +897,7 @@ mod tests {
         let sink = Collect::default();
         let (r, _) = stream_through(&text, 4, &fx, &sink).await;
         assert!(
-            matches!(&r, Err(ProviderError::Protocol(m)) if m.contains("finishReason")),
+            matches!(&r, Err(ProviderError::EndedEarly(m)) if m.contains("finishReason")),
             "{r:?}"
         );
         let err = format!(
@@ -966,6 +968,7 @@ mod tests {
             &fx.headers,
             None,
             &input,
+            crate::providers::Timeouts::default(),
         )
         .await
         .unwrap();
@@ -1002,6 +1005,7 @@ mod tests {
             &fx.headers,
             Some("m"),
             &input,
+            crate::providers::Timeouts::default(),
         )
         .await;
         assert!(matches!(r, Err(ProviderError::Protocol(m)) if m.contains("2 embeddings, got 1")));

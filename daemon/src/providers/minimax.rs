@@ -5,14 +5,14 @@
 use super::openai::{self, Dialect};
 use super::{anthropic, json_body, post, Call, ProviderError, MAX_ERROR_BODY};
 use llmd_proto::chat::{ChatResponse, EmbedResult, Usage};
-use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
 /// Embedding model when the request names none.
 pub const DEFAULT_EMBED_MODEL: &str = "embo-01";
 
 /// MiniMax streams may end without `[DONE]`, and hide errors in `base_resp`.
-const DIALECT: Dialect = Dialect {
+/// MiniMax's dialect of the OpenAI format.
+pub const DIALECT: Dialect = Dialect {
     who: "MiniMax",
     requires_done: false,
     check: check_base_resp,
@@ -56,7 +56,8 @@ pub(crate) fn check_base_resp(v: &Value) -> Result<(), ProviderError> {
         ProviderError::Http {
             status,
             body,
-            headers: HeaderMap::new(),
+            headers: Box::default(),
+            host: String::new(),
         }
     };
     Err(match code {
@@ -124,6 +125,7 @@ mod tests {
                     status: s,
                     body,
                     headers,
+                    ..
                 }) => {
                     assert_eq!(s, status, "code {code}");
                     assert!(body.contains(&code.to_string()) && headers.is_empty());
@@ -301,6 +303,7 @@ mod tests {
                 &fx.headers,
                 None,
                 &input,
+                crate::providers::Timeouts::default(),
             )
             .await
             .unwrap();
@@ -330,6 +333,7 @@ mod tests {
             &fx.headers,
             None,
             &["x".to_owned()],
+            crate::providers::Timeouts::default(),
         )
         .await;
         assert!(

@@ -18,12 +18,127 @@ use std::time::Duration;
 
 /// Most of an error body kept for `data.body`.
 pub const MAX_ERROR_BODY: usize = 2048;
+/// Largest successful (non-streaming) answer body read; a bigger one is a protocol error.
+pub const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// How long each stage of one provider call may take (from the profile's
+/// `[timeouts]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connection set-up.
+    pub connect: Duration,
+    /// Until the answer's headers.
+    pub first_byte: Duration,
+    /// Between two stream chunks.
+    pub stream_idle: Duration,
+    /// Whole non-streaming call.
+    pub total: Duration,
+}
+
+impl From<&crate::config::TimeoutConfig> for Timeouts {
+    fn from(t: &crate::config::TimeoutConfig) -> Self {
+        Timeouts {
+            connect: Duration::from_secs(t.connect_secs),
+            first_byte: Duration::from_secs(t.first_byte_secs),
+            stream_idle: Duration::from_secs(t.stream_idle_secs),
+            total: Duration::from_secs(t.total_secs),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        (&crate::config::TimeoutConfig::default()).into()
+    }
+}
+
+/// Which stage of a call ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Connection set-up.
+    Connect,
+    /// Waiting for the answer's headers.
+    FirstByte,
+    /// Silence between stream events.
+    StreamIdle,
+    /// The whole non-streaming call.
+    Total,
+}
+
+impl Stage {
+    /// The config key of this timeout.
+    pub fn key(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect_secs",
+            Stage::FirstByte => "first_byte_secs",
+            Stage::StreamIdle => "stream_idle_secs",
+            Stage::Total => "total_secs",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Stage::Connect => "connecting",
+            Stage::FirstByte => "waiting for the first byte of the answer",
+            Stage::StreamIdle => "waiting for the next stream event",
+            Stage::Total => "waiting for the whole answer",
+        }
+    }
+}
+
+/// HTTP clients for provider calls, one per connect timeout (reqwest sets that per
+/// client). Built on first use; the default one is built at start so a broken TLS set-up
+/// fails the start instead of every call.
+pub struct HttpClients {
+    by_connect: std::sync::Mutex<BTreeMap<Duration, reqwest::Client>>,
+}
+
+impl HttpClients {
+    /// Builds the client of the default connect timeout; the error says why it could not.
+    pub fn new() -> Result<HttpClients, String> {
+        let connect = Timeouts::default().connect;
+        let client = build_client(connect)?;
+        Ok(HttpClients {
+            by_connect: std::sync::Mutex::new(BTreeMap::from([(connect, client)])),
+        })
+    }
+
+    /// The client for `connect`.
+    pub fn get(&self, connect: Duration) -> Result<reqwest::Client, ProviderError> {
+        let mut map = crate::sync::lock(&self.by_connect);
+        if let Some(c) = map.get(&connect) {
+            return Ok(c.clone());
+        }
+        let c = build_client(connect).map_err(|cause| ProviderError::Network {
+            host: String::new(),
+            cause,
+        })?;
+        map.insert(connect, c.clone());
+        Ok(c)
+    }
+}
+
+/// The provider HTTP client: llmd's user agent and the given connect timeout.
+pub fn build_client(connect: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .user_agent(concat!("llmd/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(connect)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))
+}
 
 /// Receives stream deltas as they arrive. Returns false when nobody listens any more
 /// (the client went away), which aborts the upstream request.
 pub trait DeltaSink: Send + Sync {
     /// Forwards one delta.
     fn send(&self, delta: Delta) -> bool;
+
+    /// Waits until the listener can take a few more deltas, so a slow reader slows the
+    /// provider read down instead of overflowing its queue. False when it never will (it
+    /// went away or stayed full past its deadline).
+    fn ready(&self) -> futures_util::future::BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
 }
 
 /// Everything one provider call needs.
@@ -44,6 +159,27 @@ pub struct Call<'a> {
     pub stream: Option<&'a dyn DeltaSink>,
     /// Sees the headers of every provider response (rate-limit signals), errors included.
     pub observe: Option<&'a (dyn Fn(&HeaderMap) + Sync)>,
+    /// Stage timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Call<'_> {
+    /// `host[:port]` of the base URL, for errors (never the path or query).
+    pub fn host(&self) -> String {
+        host_of(self.base_url)
+    }
+}
+
+/// `host[:port]` of `url`, or `provider` when it does not parse.
+pub fn host_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => "provider".into(),
+        },
+        Err(_) => "provider".into(),
+    }
 }
 
 /// Why a provider call failed.
@@ -55,11 +191,30 @@ pub enum ProviderError {
         status: u16,
         /// First [`MAX_ERROR_BODY`] bytes of the body.
         body: String,
-        /// Response headers (rate-limit signals, `retry-after`).
-        headers: HeaderMap,
+        /// Response headers (rate-limit signals, `retry-after`); boxed to keep the error
+        /// small on the happy path's `Result`s.
+        headers: Box<HeaderMap>,
+        /// `host[:port]` called.
+        host: String,
     },
-    /// Connection failure or timeout before an answer.
-    Network(String),
+    /// Connection failure before an answer, or a stream that broke.
+    Network {
+        /// `host[:port]` called.
+        host: String,
+        /// The error and its sources (connection refused, DNS, TLS), URL removed.
+        cause: String,
+    },
+    /// A stage of the call ran over its timeout.
+    Timeout {
+        /// `host[:port]` called.
+        host: String,
+        /// Which timeout fired.
+        stage: Stage,
+        /// Its length.
+        after: Duration,
+    },
+    /// The stream stopped before the provider's end marker.
+    EndedEarly(String),
     /// The answer broke the provider's wire format.
     Protocol(String),
     /// The stream carried an error event (e.g. Anthropic's `overloaded_error`).
@@ -76,8 +231,20 @@ pub enum ProviderError {
 impl std::fmt::Display for ProviderError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ProviderError::Http { status, .. } => write!(f, "provider answered HTTP {status}"),
-            ProviderError::Network(m) => write!(f, "cannot reach the provider: {m}"),
+            ProviderError::Http { status, host, .. } => {
+                write!(f, "provider {host} answered HTTP {status}")
+            }
+            ProviderError::Network { host, cause } => {
+                write!(f, "cannot reach the provider {host}: {cause}")
+            }
+            ProviderError::Timeout { host, stage, after } => write!(
+                f,
+                "provider {host} timed out {} ({} = {}s)",
+                stage.describe(),
+                stage.key(),
+                after.as_secs()
+            ),
+            ProviderError::EndedEarly(m) => write!(f, "stream ended early: {m}"),
             ProviderError::Protocol(m) => write!(f, "bad answer from the provider: {m}"),
             ProviderError::Stream { kind, message } => {
                 write!(f, "provider stream error {kind}: {message}")
@@ -169,11 +336,42 @@ pub fn default_base_url(p: Provider) -> &'static str {
 
 /// Runs one chat call against `provider`.
 pub async fn chat(provider: Provider, call: &Call<'_>) -> Result<ChatResponse, ProviderError> {
-    match provider {
-        Provider::Anthropic => anthropic::chat(call).await,
-        Provider::OpenaiCompat => openai::chat(call).await,
-        Provider::Gemini => gemini::chat(call).await,
-        Provider::Minimax => minimax::chat(call).await,
+    let work = async {
+        match provider {
+            Provider::Anthropic => anthropic::chat(call).await,
+            Provider::OpenaiCompat => openai::chat(call).await,
+            Provider::Gemini => gemini::chat(call).await,
+            Provider::Minimax => minimax::chat(call).await,
+        }
+    };
+    // A stream has its idle timeout instead: a long answer that keeps coming is fine.
+    if call.stream.is_some() {
+        return work.await;
+    }
+    let total = call.timeouts.total;
+    tokio::time::timeout(total, work)
+        .await
+        .unwrap_or_else(|_| Err(call.timeout(Stage::Total, total)))
+}
+
+impl Call<'_> {
+    fn timeout(&self, stage: Stage, after: Duration) -> ProviderError {
+        ProviderError::Timeout {
+            host: self.host(),
+            stage,
+            after,
+        }
+    }
+
+    /// A reqwest failure as a typed error: timeouts name their stage.
+    pub fn net_error(&self, e: &reqwest::Error) -> ProviderError {
+        if e.is_timeout() && e.is_connect() {
+            return self.timeout(Stage::Connect, self.timeouts.connect);
+        }
+        ProviderError::Network {
+            host: self.host(),
+            cause: describe(e),
+        }
     }
 }
 
@@ -187,7 +385,8 @@ pub fn merge_options(body: &mut Value, options: Option<&Map<String, Value>>) {
 }
 
 /// Sends a JSON POST with the given headers; non-2xx statuses become
-/// [`ProviderError::Http`] with the body cut to [`MAX_ERROR_BODY`].
+/// [`ProviderError::Http`] with the body cut to [`MAX_ERROR_BODY`]. Waits at most the
+/// first-byte timeout for the answer's headers.
 pub async fn post(
     call: &Call<'_>,
     url: &str,
@@ -197,10 +396,12 @@ pub async fn post(
     for (k, v) in call.headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| ProviderError::Network(describe(&e)))?;
+    // The connect timeout lives in the client (and fires first when it is shorter); this
+    // one covers the whole wait for the headers.
+    let resp = match tokio::time::timeout(call.timeouts.first_byte, req.send()).await {
+        Ok(r) => r.map_err(|e| call.net_error(&e))?,
+        Err(_) => return Err(call.timeout(Stage::FirstByte, call.timeouts.first_byte)),
+    };
     if let Some(observe) = call.observe {
         observe(resp.headers());
     }
@@ -208,34 +409,97 @@ pub async fn post(
     if status.is_success() {
         return Ok(resp);
     }
-    let headers = resp.headers().clone();
-    let bytes = resp.bytes().await.unwrap_or_default();
-    let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
+    let headers = Box::new(resp.headers().clone());
+    // An error body that never ends must not hold the call: capped and under the idle
+    // timeout, and what arrived by then is enough.
+    let bytes = read_capped(resp, MAX_ERROR_BODY, call.timeouts.stream_idle)
+        .await
+        .unwrap_or_else(|partial| partial);
     Err(ProviderError::Http {
         status: status.as_u16(),
-        body: String::from_utf8_lossy(cut).into_owned(),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
         headers,
+        host: call.host(),
     })
 }
 
-/// A reqwest error without the URL (which may carry a key for some providers).
-pub fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        return "timed out".into();
+/// Reads at most `cap` bytes of a body, waiting at most `idle` for each chunk. `Err` holds
+/// what was read when the body broke or stalled.
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+    idle: Duration,
+) -> Result<Vec<u8>, Vec<u8>> {
+    let mut out = Vec::new();
+    while out.len() < cap {
+        match tokio::time::timeout(idle, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                let room = cap - out.len();
+                out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(Ok(None)) => return Ok(out),
+            Ok(Err(_)) | Err(_) => return Err(out),
+        }
     }
-    let mut msg = e.to_string();
+    Ok(out)
+}
+
+/// A reqwest error with its whole source chain (connection refused, DNS, TLS, timeout)
+/// and without the URL, which may carry a key for some providers.
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut msg = error_chain(e);
     if let Some(u) = e.url() {
         msg = msg.replace(u.as_str(), "<provider>");
+        if let Some(q) = u.query() {
+            msg = msg.replace(q, "<query>");
+        }
     }
     msg
 }
 
-/// Parses a JSON body, naming the provider on failure.
+/// `e: source: source…`, each message once.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Parses a JSON body (at most [`MAX_BODY`] bytes), naming the provider on failure.
 pub async fn json_body(resp: reqwest::Response, who: &str) -> Result<Value, ProviderError> {
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| ProviderError::Network(describe(&e)))?;
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ProviderError::Protocol(format!(
+            "{who} answer is over {MAX_BODY} bytes"
+        )));
+    }
+    let host = resp.url().host_str().unwrap_or("provider").to_owned();
+    let mut resp = resp;
+    let mut bytes = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if bytes.len() + c.len() > MAX_BODY {
+                    return Err(ProviderError::Protocol(format!(
+                        "{who} answer is over {MAX_BODY} bytes"
+                    )));
+                }
+                bytes.extend_from_slice(&c);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ProviderError::Network {
+                    host,
+                    cause: describe(&e),
+                })
+            }
+        }
+    }
     serde_json::from_slice(&bytes)
         .map_err(|e| ProviderError::Protocol(format!("{who} answer is not JSON: {e}")))
 }
@@ -279,6 +543,7 @@ pub async fn embed(
     headers: &BTreeMap<String, String>,
     model: Option<&str>,
     input: &[String],
+    timeouts: Timeouts,
 ) -> Result<llmd_proto::chat::EmbedResult, ProviderError> {
     let no_api = || {
         ProviderError::Protocol(
@@ -311,13 +576,19 @@ pub async fn embed(
         tools: &[],
         stream: None,
         observe: None,
+        timeouts,
     };
-    let result = match provider {
-        Provider::OpenaiCompat => openai::embed(&call, input).await?,
-        Provider::Gemini => gemini::embed(&call, input).await?,
-        Provider::Minimax => minimax::embed(&call, input).await?,
-        Provider::Anthropic => return Err(no_api()),
+    let work = async {
+        match provider {
+            Provider::OpenaiCompat => openai::embed(&call, input).await,
+            Provider::Gemini => gemini::embed(&call, input).await,
+            Provider::Minimax => minimax::embed(&call, input).await,
+            Provider::Anthropic => Err(no_api()),
+        }
     };
+    let result = tokio::time::timeout(timeouts.total, work)
+        .await
+        .unwrap_or_else(|_| Err(call.timeout(Stage::Total, timeouts.total)))?;
     if result.embeddings.len() != input.len() {
         return Err(ProviderError::Protocol(format!(
             "asked for {} embeddings, got {}",
@@ -493,6 +764,7 @@ pub(crate) mod test_support {
                 tools: &self.tools,
                 stream: sink,
                 observe: None,
+                timeouts: super::Timeouts::default(),
             }
         }
     }
@@ -539,7 +811,7 @@ pub(crate) mod test_support {
                     assert!(!stops.contains(index), "block {index} stopped twice");
                     stops.push(*index);
                 }
-                Delta::Usage(_) => {}
+                Delta::Usage(_) | Delta::Unknown => {}
             }
         }
         let mut all: Vec<usize> = stops.clone();

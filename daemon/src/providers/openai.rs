@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 pub const DEFAULT_EMBED_MODEL: &str = "text-embedding-3-small";
 
 /// What differs between servers that speak this wire format.
-pub(crate) struct Dialect {
+pub struct Dialect {
     /// Provider name used in error messages.
     pub who: &'static str,
     /// Whether a stream must end with `data: [DONE]` (MiniMax may just close it).
@@ -25,7 +25,7 @@ pub(crate) struct Dialect {
 }
 
 /// Plain OpenAI-compatible servers: errors come as HTTP statuses or `error` objects.
-pub(crate) const OPENAI: Dialect = Dialect {
+pub const OPENAI: Dialect = Dialect {
     who: "OpenAI-compatible",
     requires_done: true,
     check: |_| Ok(()),
@@ -64,7 +64,7 @@ pub(crate) async fn chat_at(
                     dialect.who
                 )));
             }
-            stream(SseStream::new(resp), sink, dialect).await
+            stream(SseStream::new(resp, call), sink, dialect).await
         }
     }
 }
@@ -132,7 +132,7 @@ fn push_user(content: &Content, out: &mut Vec<Value>) {
                 }
             }
             // Neither side of a conversation sends these as the user.
-            Block::ToolUse { .. } | Block::Thinking { .. } => {}
+            Block::ToolUse { .. } | Block::Thinking { .. } | Block::Unknown => {}
         }
     }
     if images.is_empty() {
@@ -211,7 +211,7 @@ fn reasoning_effort(budget_tokens: u32) -> &'static str {
 }
 
 /// The request body for `call` (with `stream` only when streaming).
-pub(crate) fn request_body(call: &Call<'_>) -> Value {
+pub fn request_body(call: &Call<'_>) -> Value {
     let r = call.request;
     let mut body = Map::new();
     body.insert("model".into(), call.model.into());
@@ -322,7 +322,7 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
 }
 
 /// Maps a non-streaming chat completion.
-pub(crate) fn parse_response(v: &Value, who: &str) -> Result<ChatResponse, ProviderError> {
+pub fn parse_response(v: &Value, who: &str) -> Result<ChatResponse, ProviderError> {
     if let Some(e) = error_object(v) {
         return Err(e);
     }
@@ -506,8 +506,8 @@ impl Assembly {
 }
 
 /// Consumes the SSE stream, forwarding deltas and assembling the final answer.
-async fn stream(
-    mut events: SseStream,
+pub async fn stream(
+    mut events: SseStream<'_>,
     sink: &dyn DeltaSink,
     dialect: &Dialect,
 ) -> Result<ChatResponse, ProviderError> {
@@ -578,14 +578,14 @@ async fn stream(
         }
     }
     if !finished {
-        return Err(ProviderError::Protocol(format!(
-            "{} stream ended before a finish_reason",
+        return Err(ProviderError::EndedEarly(format!(
+            "{} sent no finish_reason",
             dialect.who
         )));
     }
     if dialect.requires_done && !done {
-        return Err(ProviderError::Protocol(format!(
-            "{} stream ended without [DONE]",
+        return Err(ProviderError::EndedEarly(format!(
+            "{} sent no [DONE]",
             dialect.who
         )));
     }
@@ -1128,7 +1128,9 @@ mod tests {
                         ("overloaded_error", "overloaded")
                     );
                 }
-                (Err(ProviderError::Protocol(m)), want) if want != "stream" => {
+                (Err(ProviderError::Protocol(m) | ProviderError::EndedEarly(m)), want)
+                    if want != "stream" =>
+                {
                     assert!(m.contains(want), "{m} should mention {want}");
                 }
                 (other, _) => panic!("{want}: {other:?}"),
@@ -1249,6 +1251,7 @@ mod tests {
             &fx.headers,
             None,
             &input,
+            crate::providers::Timeouts::default(),
         )
         .await
         .unwrap();

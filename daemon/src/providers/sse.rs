@@ -1,7 +1,12 @@
 //! Server-sent events: splits a byte stream into `event:`/`data:` records as they arrive.
 
-use super::{describe, ProviderError};
+use super::{describe, Call, DeltaSink, ProviderError, Stage};
 use futures_util::StreamExt;
+use std::time::Duration;
+
+/// Largest event (or unfinished line) kept while parsing; a bigger one is a protocol
+/// error rather than a reason to hold memory.
+pub const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// One SSE event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -13,33 +18,80 @@ pub struct Event {
 }
 
 /// Incremental SSE parser over a response body.
-pub struct SseStream {
+pub struct SseStream<'a> {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     parser: Parser,
+    idle: Duration,
+    host: String,
+    sink: Option<&'a dyn DeltaSink>,
 }
 
-impl SseStream {
-    /// Wraps a streaming response.
-    pub fn new(resp: reqwest::Response) -> Self {
+impl<'a> SseStream<'a> {
+    /// Wraps a streaming response of `call`: its idle timeout applies between chunks, and
+    /// no more is read while its sink has no room.
+    pub fn new(resp: reqwest::Response, call: &Call<'a>) -> Self {
         SseStream {
             body: resp.bytes_stream().boxed(),
             parser: Parser::default(),
+            idle: call.timeouts.stream_idle,
+            host: call.host(),
+            sink: call.stream,
+        }
+    }
+
+    /// A stream over bytes already in memory (property tests, replays), with the given
+    /// idle timeout and no sink.
+    pub fn from_chunks(chunks: Vec<Vec<u8>>, idle: Duration) -> SseStream<'static> {
+        let items = chunks.into_iter().map(|c| Ok(bytes::Bytes::from(c)));
+        SseStream {
+            body: futures_util::stream::iter(items).boxed(),
+            parser: Parser::default(),
+            idle,
+            host: "memory".into(),
+            sink: None,
         }
     }
 
     /// The next event; `Ok(None)` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<Event>, ProviderError> {
         loop {
+            if let Some(sink) = self.sink {
+                // Backpressure: the provider's socket is not read while the client lags.
+                if !sink.ready().await {
+                    return Err(ProviderError::Cancelled);
+                }
+            }
             if let Some(ev) = self.parser.next_event() {
                 return Ok(Some(ev));
             }
-            match self.body.next().await {
+            if self.parser.buffered() > MAX_EVENT_BYTES {
+                return Err(ProviderError::Protocol(format!(
+                    "stream event over {MAX_EVENT_BYTES} bytes"
+                )));
+            }
+            let chunk = match tokio::time::timeout(self.idle, self.body.next()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    return Err(ProviderError::Timeout {
+                        host: self.host.clone(),
+                        stage: Stage::StreamIdle,
+                        after: self.idle,
+                    })
+                }
+            };
+            match chunk {
                 Some(Ok(chunk)) => self.parser.push(&chunk),
                 Some(Err(e)) => {
-                    return Err(ProviderError::Network(format!(
-                        "stream broke: {}",
-                        describe(&e)
-                    )))
+                    return Err(ProviderError::Network {
+                        host: self.host.clone(),
+                        cause: format!("stream broke: {}", describe(&e)),
+                    })
+                }
+                // Cut in the middle of a line: what is left is half an event.
+                None if self.parser.mid_line() => {
+                    return Err(ProviderError::EndedEarly(
+                        "the connection closed in the middle of an event".into(),
+                    ))
                 }
                 None => return Ok(self.parser.finish()),
             }
@@ -97,6 +149,16 @@ impl Parser {
             }
         }
         None
+    }
+
+    /// Bytes held (unparsed lines plus the event being built).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() + self.current.data.len() + self.current.event.len()
+    }
+
+    /// True when the buffer ends in an unfinished line.
+    pub fn mid_line(&self) -> bool {
+        !self.buf.is_empty()
     }
 
     /// An event left without its blank line at the end of the stream.

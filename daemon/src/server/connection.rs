@@ -28,8 +28,25 @@ pub struct Conn {
     pub gone: CancellationToken,
     /// Cancelled when no more requests will be read; subscriptions end then.
     pub closing: CancellationToken,
-    inflight: Mutex<HashMap<Id, AbortHandle>>,
+    inflight: Mutex<HashMap<Slot, AbortHandle>>,
+    /// Ends the current subscription; a later `subscribe` replaces it.
+    pub subscription: Mutex<Option<CancellationToken>>,
+    /// How long a stream waits for room in this connection's queue.
+    pub write_timeout: Duration,
+    next_anon: std::sync::atomic::AtomicU64,
 }
+
+/// What an in-flight task is filed under: its id, or a private number for a notification
+/// (which has no id but must still count and be cancelled on hang-up).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Slot {
+    Id(Id),
+    Anon(u64),
+}
+
+/// Free queue slots a stream waits for before it reads more from the provider: enough for
+/// the deltas one event can produce.
+const STREAM_HEADROOM: usize = 32;
 
 impl Conn {
     /// Queues a line for the client. A client that lets its queue fill up is disconnected
@@ -48,6 +65,44 @@ impl Conn {
         }
     }
 
+    /// Waits (at most the write timeout) until the queue has room for a few lines: how a
+    /// stream's slow reader slows the provider read instead of being disconnected. False
+    /// when the client went away or stayed full that long (it is then disconnected).
+    pub async fn wait_for_room(&self) -> bool {
+        if self.gone.is_cancelled() {
+            return false;
+        }
+        let want = STREAM_HEADROOM.min(self.out.max_capacity());
+        if self.out.capacity() >= want {
+            return true;
+        }
+        let wait = async {
+            match self.out.reserve_many(want).await {
+                Ok(permits) => {
+                    drop(permits);
+                    true
+                }
+                Err(_) => false,
+            }
+        };
+        let ok = tokio::select! {
+            r = tokio::time::timeout(self.write_timeout, wait) => r.unwrap_or(false),
+            _ = self.gone.cancelled() => false,
+        };
+        if !ok && !self.gone.is_cancelled() {
+            tracing::warn!("client stopped reading its stream; closing the connection");
+            self.gone.cancel();
+        }
+        ok
+    }
+
+    /// Makes `token` the connection's one subscription, ending the one before.
+    pub fn replace_subscription(&self, token: CancellationToken) {
+        if let Some(old) = lock(&self.subscription).replace(token) {
+            old.cancel();
+        }
+    }
+
     /// Sends a response.
     pub fn respond(&self, id: Option<&Id>, result: Result<Box<RawValue>, RpcError>) {
         let line = match &result {
@@ -59,7 +114,7 @@ impl Conn {
 
     /// Aborts the in-flight request `id`; true if there was one.
     pub fn cancel(&self, id: &Id) -> bool {
-        let handle = lock(&self.inflight).remove(id);
+        let handle = lock(&self.inflight).remove(&Slot::Id(id.clone()));
         match handle {
             Some(h) => {
                 h.abort();
@@ -93,13 +148,19 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
         gone: CancellationToken::new(),
         closing: CancellationToken::new(),
         inflight: Mutex::new(HashMap::new()),
+        subscription: Mutex::new(None),
+        write_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
+        next_anon: std::sync::atomic::AtomicU64::new(0),
     });
     let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
     let writer = tokio::spawn(write_loop(stream.clone(), queue, conn.gone.clone(), idle));
     let max_in_flight = cfg.max_queued_responses.saturating_mul(4);
     // When the current unfinished line began: the idle limit counts from there, so a
     // trickle of bytes cannot keep a half line (and its buffer) alive forever.
-    let mut partial_since: Option<tokio::time::Instant> = None;
+    // A connection that has not sent a byte yet counts as idle from its start, so silent
+    // connections cannot hold every slot of `max_connections`.
+    let mut partial_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut got_bytes = false;
     let mut decoder = LineDecoder::new(cfg.max_frame_bytes);
     'read: loop {
         loop {
@@ -119,6 +180,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
             }
         }
         partial_since = match (decoder.has_partial_line(), partial_since) {
+            (false, since) if !got_bytes => since,
             (false, _) => None,
             (true, None) => Some(tokio::time::Instant::now()),
             (true, since) => since,
@@ -128,7 +190,11 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
         let n = tokio::select! {
             r = read => r,
             _ = sleep_until(deadline) => {
-                tracing::debug!("closing connection idle mid-line");
+                if got_bytes {
+                    tracing::debug!("closing connection idle mid-line");
+                } else {
+                    tracing::debug!("closing connection that sent nothing");
+                }
                 conn.abort_all();
                 break 'read;
             }
@@ -144,7 +210,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
                 conn.abort_all();
                 break 'read;
             }
-            Ok(_) => {}
+            Ok(_) => got_bytes = true,
         }
     }
     conn.closing.cancel();
@@ -199,6 +265,16 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
     if line.iter().all(u8::is_ascii_whitespace) {
         return;
     }
+    if line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        // Batches are not supported: one request per line does the same without an
+        // unbounded answer. JSON-RPC 2.0 lets a server answer one error object then.
+        let e = RpcError::new(
+            ErrorKind::InvalidRequest,
+            "batches (JSON arrays) are not supported; send one request object per line",
+        );
+        conn.respond(None, Err(e));
+        return;
+    }
     let req = match Request::parse(line) {
         Ok(r) => r,
         Err((id, e)) => {
@@ -221,7 +297,7 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
     // agent name is shared, not copied; with info logs off the span is not built at all.
     let span = if tracing::enabled!(tracing::Level::INFO) {
         let agent = lock(&conn.agent).clone();
-        tracing::info_span!("request", method = %req.method, agent = agent.as_deref().unwrap_or("-"))
+        tracing::info_span!("request", method = %crate::logging::clean(&req.method), agent = agent.as_deref().unwrap_or("-"))
     } else {
         tracing::Span::none()
     };
@@ -235,7 +311,23 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
         conn.respond(req.id.as_ref(), Err(e));
         return;
     }
-    let id = req.id.clone();
+    let slot = match &req.id {
+        Some(id) => Slot::Id(id.clone()),
+        None => Slot::Anon(
+            conn.next_anon
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ),
+    };
+    if inflight.contains_key(&slot) {
+        drop(inflight);
+        let e = RpcError::new(
+            ErrorKind::InvalidRequest,
+            "a request with this id is still in flight on this connection; use a fresh id",
+        );
+        conn.respond(req.id.as_ref(), Err(e));
+        return;
+    }
+    let task_slot = slot.clone();
     let task = tokio::spawn(
         async move {
             // A panicking handler (a bug) must still answer, or the caller waits forever.
@@ -250,12 +342,12 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
                     ))
                 }
             };
+            // `cancel` removes the entry and answers itself: then this answer is dropped,
+            // so each id gets exactly one response.
+            if lock(&ctx.conn.inflight).remove(&task_slot).is_none() {
+                return;
+            }
             if let Some(id) = &req.id {
-                // `cancel` removes the entry and answers itself: then this answer is dropped,
-                // so each id gets exactly one response.
-                if lock(&ctx.conn.inflight).remove(id).is_none() {
-                    return;
-                }
                 if let Err(e) = &result {
                     tracing::debug!(code = e.code, error = %e.message, "request failed");
                 }
@@ -264,9 +356,7 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
         }
         .instrument(span),
     );
-    if let Some(id) = id {
-        inflight.insert(id, task.abort_handle());
-    }
+    inflight.insert(slot, task.abort_handle());
 }
 
 async fn write_loop(

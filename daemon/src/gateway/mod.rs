@@ -1,0 +1,295 @@
+//! The HTTP gateway (DESIGN.md, "Gateway"): the providers' own APIs on loopback under
+//! `/p/<profile>/…`, with the profile's credentials put on every request and the same
+//! shared limits, retries and refresh-on-401 as `chat`.
+//!
+//! [`auth`] decides who may call, [`forward`] passes native requests through,
+//! [`openai_facade`] answers `/v1/chat/completions` for the providers that do not speak
+//! it, through the neutral chat shape and `crate::chat`.
+
+pub mod anthropic_facade;
+pub mod auth;
+pub mod errors;
+pub mod forward;
+pub mod openai_facade;
+pub mod translate;
+pub mod usage;
+
+use crate::config::{AuthKind, GatewayConfig, Provider};
+use crate::state::Daemon;
+use crate::sync::lock;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use errors::{GatewayError, Shape};
+use llmd_proto::methods::GatewayStatus;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The running gateway, shared by its listeners.
+pub struct Gateway {
+    /// The daemon whose profiles it serves.
+    pub daemon: Arc<Daemon>,
+    /// Accepted keys.
+    pub keys: auth::Keys,
+    /// Bound TCP address.
+    pub tcp: Option<SocketAddr>,
+    /// Bound Unix socket.
+    pub unix: Option<PathBuf>,
+    origins: Vec<String>,
+    max_body: usize,
+    requests: Mutex<BTreeMap<String, u64>>,
+}
+
+/// What one listener adds to the shared gateway.
+#[derive(Clone)]
+struct Listener {
+    gw: Arc<Gateway>,
+    /// `Host` values accepted; `None` on the Unix socket, which no web page can reach.
+    hosts: Option<Arc<Vec<String>>>,
+}
+
+impl Gateway {
+    /// `http://ADDR` of the TCP listener.
+    pub fn base_url(&self) -> Option<String> {
+        self.tcp.map(|a| format!("http://{a}"))
+    }
+
+    /// The gateway's part of `status`.
+    pub fn status(&self) -> GatewayStatus {
+        GatewayStatus {
+            listen: self.base_url(),
+            unix: self.unix.as_ref().map(|p| p.display().to_string()),
+            requests_by_agent: lock(&self.requests).clone(),
+        }
+    }
+}
+
+/// Binds the configured listeners and serves them until shutdown. A bind failure is a
+/// start-up error.
+pub async fn start(daemon: Arc<Daemon>, cfg: &GatewayConfig) -> Result<Arc<Gateway>, String> {
+    let state_dir = daemon.registry().state_dir.clone();
+    let keys = auth::Keys::load_or_create(&state_dir)?;
+    let tcp = match &cfg.listen {
+        Some(l) => {
+            let l = tokio::net::TcpListener::bind(l.as_str())
+                .await
+                .map_err(|e| format!("gateway: cannot listen on {l}: {e}"))?;
+            Some(l)
+        }
+        None => None,
+    };
+    let unix = match &cfg.unix {
+        Some(p) => Some((bind_unix(p)?, p.clone())),
+        None => None,
+    };
+    let tcp_addr = match &tcp {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(|e| format!("gateway: no local address: {e}"))?,
+        ),
+        None => None,
+    };
+    let gw = Arc::new(Gateway {
+        daemon: daemon.clone(),
+        keys,
+        tcp: tcp_addr,
+        unix: unix.as_ref().map(|(_, p)| p.clone()),
+        origins: cfg.allowed_origins.clone(),
+        max_body: cfg.max_body_bytes,
+        requests: Mutex::new(BTreeMap::new()),
+    });
+    if let (Some(l), Some(addr)) = (tcp, tcp_addr) {
+        let app = router(Listener {
+            gw: gw.clone(),
+            hosts: Some(Arc::new(auth::allowed_hosts(&addr))),
+        });
+        let stop = daemon.shutdown.clone();
+        // Without TCP_NODELAY each small stream event would wait for the previous one's
+        // ACK (Nagle), a round trip per event.
+        let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move {
+            let serve = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "gateway listener failed");
+            }
+        });
+        tracing::info!(listen = %addr, "gateway listening");
+    }
+    if let Some((l, path)) = unix {
+        let app = router(Listener {
+            gw: gw.clone(),
+            hosts: None,
+        });
+        let stop = daemon.shutdown.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "gateway socket failed");
+            }
+            let _ = std::fs::remove_file(&path);
+        });
+        tracing::info!(socket = %gw.unix.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "gateway listening");
+    }
+    Ok(gw)
+}
+
+fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        crate::fsutil::ensure_private_dir(dir)?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(format!(
+                "gateway: {} exists and is not a socket",
+                path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("gateway: cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("gateway: cannot chmod {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+fn router(l: Listener) -> Router {
+    Router::new().fallback(handle).with_state(l)
+}
+
+/// The error shape for `rest` on a profile of `provider`: the chat routes speak their
+/// own API's whatever the provider (they are translated for the others).
+fn shape_for(provider: Option<Provider>, rest: &str) -> Shape {
+    match provider {
+        _ if rest == "v1/chat/completions" => Shape::OpenAi,
+        _ if rest == "v1/messages" => Shape::Anthropic,
+        Some(p) => Shape::of(p),
+        None => Shape::OpenAi,
+    }
+}
+
+async fn handle(State(l): State<Listener>, req: Request) -> Response {
+    match serve(&l, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
+    let gw = &l.gw;
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let (name, rest) = path
+        .strip_prefix("/p/")
+        .and_then(|p| p.split_once('/'))
+        .unwrap_or(("", ""));
+    let profile = gw.daemon.registry().profiles.get(name).cloned();
+    let shape = shape_for(profile.as_ref().map(|p| p.config.provider), rest);
+    let err = |status, msg: String| GatewayError::new(status, shape, msg);
+    if let Some(hosts) = &l.hosts {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        if !hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            tracing::warn!("gateway refused a request with a foreign Host header");
+            return Err(err(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "the llmd gateway answers only to Host {}",
+                    hosts.join(" or ")
+                ),
+            ));
+        }
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !gw.origins.iter().any(|o| o == origin) {
+            tracing::warn!("gateway refused a request with an Origin header");
+            return Err(err(
+                StatusCode::FORBIDDEN,
+                "requests from web pages (with an `Origin` header) are refused; list the origin in `[gateway] allowed_origins` to allow it".into(),
+            ));
+        }
+    }
+    let presented = auth::presented_key(req.headers(), query.as_deref());
+    let Some(agent) = presented.and_then(|k| gw.keys.check(k)) else {
+        return Err(err(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong llmd gateway key (see `llmctl gateway key`)".into(),
+        ));
+    };
+    *lock(&gw.requests).entry(agent).or_insert(0) += 1;
+    let Some(profile) = profile else {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            if name.is_empty() {
+                "gateway routes are /p/<profile>/…".into()
+            } else {
+                format!("no profile `{name}`")
+            },
+        ));
+    };
+    if matches!(
+        profile.config.auth,
+        AuthKind::Oauth | AuthKind::ClaudeCli | AuthKind::SetupToken
+    ) && !profile.config.gateway
+    {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            format!(
+                "profile `{name}` is a subscription login (`{}`), which Anthropic's terms intend for Claude Code and Claude.ai; to serve it through the gateway anyway, set `gateway = true` in [profiles.{name}]",
+                profile.config.auth
+            ),
+        ));
+    }
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, gw.max_body).await.map_err(|_| {
+        err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body over {} bytes (`[gateway] max_body_bytes`)",
+                gw.max_body
+            ),
+        )
+    })?;
+    if parts.method == axum::http::Method::POST {
+        let provider = profile.config.provider;
+        if rest == "v1/chat/completions" && provider != Provider::OpenaiCompat {
+            return Ok(openai_facade::handle(gw.clone(), profile, body).await);
+        }
+        if rest == "v1/messages" && provider != Provider::Anthropic {
+            return Ok(anthropic_facade::handle(gw.clone(), profile, body).await);
+        }
+    }
+    let Some(upstream) = forward::upstream_url(&profile, rest, query.as_deref()) else {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!(
+                "`/{rest}` is not a {} API path the gateway forwards",
+                profile.config.provider
+            ),
+        ));
+    };
+    Ok(forward::forward(gw, &profile, parts, upstream, body, shape).await)
+}
+
+/// A response with a JSON body.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
