@@ -53,6 +53,31 @@ fn main() {
         echo_server(&args[1..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("load") {
+        // For profiling: `llmd-bench load CONNS SECS` prints the daemon's pid, gives a
+        // profiler a second to attach, then runs the `token` load.
+        let conns = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(64);
+        let secs = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(10.0);
+        raise_fd_limit();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let d = key_daemon();
+            eprintln!("daemon pid {}", d.pid().unwrap_or(0));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let s = hammer(&d.socket, TOKEN_REQUEST, conns, secs).await;
+            println!(
+                "{conns} conn.: p50 {} p99 {} {}",
+                fmt_us(s.p50),
+                fmt_us(s.p99),
+                fmt_rate(s.per_sec)
+            );
+        });
+        return;
+    }
     let mut opts = Opts { runs: 3, secs: 2.0 };
     let mut sections = Vec::new();
     let mut it = args.iter();
