@@ -342,8 +342,11 @@ fn echo_server(args: &[String]) {
         std::process::exit(2);
     };
     let size: usize = size;
-    let mut reply = vec![b'x'; size.max(1)];
-    *reply.last_mut().unwrap_or(&mut 0) = b'\n';
+    // A JSON-RPC result line of exactly `size` bytes (newline included).
+    let head = br#"{"jsonrpc":"2.0","id":1,"result":""#;
+    let mut reply = head.to_vec();
+    reply.resize(size.max(head.len() + 3) - 3, b'x');
+    reply.extend_from_slice(b"\"}\n");
     let reply: &'static [u8] = Box::leak(reply.into_boxed_slice());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -757,7 +760,8 @@ async fn cache(opts: &Opts) {
 
 async fn stampede(opts: &Opts) {
     header("Refresh stampede: 1,000 concurrent `token` calls that all need a refresh");
-    let (mut single, mut all, mut upstream) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut single, mut all, mut upstream, mut floor) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..opts.runs {
         // One caller alone: one refresh's latency.
         let (_f, d) = stampede_daemon().await;
@@ -768,46 +772,13 @@ async fn stampede(opts: &Opts) {
         drop(d);
         // A thousand at once.
         let (fake, d) = stampede_daemon().await;
-        let mut conns = Vec::new();
-        for _ in 0..1000 {
-            conns.push(LineConn::connect(&d.socket).await.expect("connect"));
-        }
-        // Every connection accepted and served once before the stampede.
-        for c in conns.iter_mut() {
-            c.roundtrip(b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"hello\",\"params\":{\"client\":\"bench\",\"version\":\"1\"}}\n")
-                .await
-                .expect("hello");
-        }
-        let go = Arc::new(tokio::sync::Barrier::new(conns.len() + 1));
-        let tasks: Vec<_> = conns
-            .into_iter()
-            .map(|mut c| {
-                let go = go.clone();
-                tokio::spawn(async move {
-                    go.wait().await;
-                    let ok = c.line_after(STAMPEDE_REQUEST).await;
-                    (Instant::now(), ok)
-                })
-            })
-            .collect();
-        go.wait().await;
-        let start = Instant::now();
-        let mut last = start;
-        let mut failed = 0;
-        for t in tasks {
-            let (end, ok) = t.await.expect("task");
-            last = last.max(end);
-            if !ok {
-                failed += 1;
-            }
-        }
-        if failed > 0 {
-            eprintln!("{failed} stampede calls failed");
-        }
-        all.push(us(last - start));
+        all.push(burst(&d.socket, 1000).await);
         upstream.push(fake.refresh_calls() as f64);
+        // The same burst answered by the echo floor (no refresh, nothing to wait for).
+        let echo = Echo::start(230);
+        floor.push(burst(&echo.path, 1000).await);
     }
-    let (s, a) = (median(single), median(all));
+    let (s, a, f) = (median(single), median(all), median(floor));
     row(
         "all 1,000 answered (from release to the last answer)",
         &fmt_us(a),
@@ -816,12 +787,60 @@ async fn stampede(opts: &Opts) {
         "≤ one refresh + 5 ms",
     );
     row(
+        "the same burst of 1,000 against the echo floor",
+        "",
+        &format!("echo {}", fmt_us(f)),
+        &format!("llmd − refresh − floor: {}", fmt_us(a - s - f)),
+        "",
+    );
+    row(
         "upstream refresh calls",
         &format!("{}", median(upstream)),
         "",
         "",
         "exactly 1",
     );
+}
+
+/// `n` connections, each served once first, then all sending one stampede request at the
+/// same moment: µs from the release to the last answer.
+async fn burst(path: &Path, n: usize) -> f64 {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(LineConn::connect(path).await.expect("connect"));
+    }
+    for c in conns.iter_mut() {
+        c.roundtrip(b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"hello\",\"params\":{\"client\":\"bench\",\"version\":\"1\"}}\n")
+            .await
+            .expect("hello");
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(conns.len() + 1));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                let ok = c.line_after(STAMPEDE_REQUEST).await;
+                (Instant::now(), ok)
+            })
+        })
+        .collect();
+    go.wait().await;
+    let start = Instant::now();
+    let mut last = start;
+    let mut failed = 0;
+    for t in tasks {
+        let (end, ok) = t.await.expect("task");
+        last = last.max(end);
+        if !ok {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {n} burst calls got no result");
+    }
+    us(last - start)
 }
 
 const STAMPEDE_REQUEST: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"token\",\"params\":{\"profile\":\"work\",\"min_valid_secs\":2000}}\n";
