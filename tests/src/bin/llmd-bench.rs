@@ -78,6 +78,18 @@ fn main() {
         });
         return;
     }
+    if args.first().map(String::as_str) == Some("load-chat") {
+        // For profiling: `llmd-bench load-chat CONC SECS`, the chat section's load.
+        let conc = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(64);
+        let secs = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(10.0);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(chat_load(conc, secs));
+        return;
+    }
     let mut opts = Opts { runs: 3, secs: 2.0 };
     let mut sections = Vec::new();
     let mut it = args.iter();
@@ -1044,19 +1056,42 @@ async fn chat_round(
     (d.sorted(), l.sorted())
 }
 
-async fn chat(opts: &Opts) {
-    header(
-        "`chat` through llmd against the direct call (reqwest, same fake provider on 127.0.0.1)",
-    );
+async fn chat_load(conc: usize, secs: f64) {
     let fake = FakeProviders::start().await;
-    let d = Daemon::builder()
+    let d = chat_daemon(&fake);
+    eprintln!("daemon pid {}", d.pid().unwrap_or(0));
+    let url = format!("{}/v1/messages", fake.anthropic_base());
+    let http = reqwest::Client::new();
+    let mut clients = Vec::new();
+    for _ in 0..conc {
+        clients.push(d.client().await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (dr, lr) = chat_round(&fake, &clients, &http, &url, false, secs).await;
+    println!(
+        "{conc} concurrent: llmd p50 {} direct p50 {}",
+        fmt_us(pct(&lr.total, 0.5)),
+        fmt_us(pct(&dr.total, 0.5))
+    );
+}
+
+fn chat_daemon(fake: &FakeProviders) -> Daemon {
+    Daemon::builder()
         .config(&format!(
             "[profiles.a]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"BENCH_KEY\"\nbase_url = \"{}\"\n",
             fake.anthropic_base()
         ))
         .env("BENCH_KEY", "sk-ant-api03-bench")
         .env("LLMD_LOG", &log_level())
-        .start();
+        .start()
+}
+
+async fn chat(opts: &Opts) {
+    header(
+        "`chat` through llmd against the direct call (reqwest, same fake provider on 127.0.0.1)",
+    );
+    let fake = FakeProviders::start().await;
+    let d = chat_daemon(&fake);
     let url = format!("{}/v1/messages", fake.anthropic_base());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
