@@ -28,12 +28,18 @@ pub struct Notification {
     pub params: Box<RawValue>,
 }
 
+/// Called by the reader task with each notification (method, params) as it is read, before
+/// any later line is routed: what a hook does is done before the caller of any answer that
+/// followed the notification on the socket gets that answer.
+pub(crate) type Hook = Box<dyn Fn(&str, &RawValue) + Send + Sync>;
+
 /// What the reader task routes to.
 #[derive(Default)]
 struct Routes {
     pending: Mutex<HashMap<i64, oneshot::Sender<Answer>>>,
     streams: Mutex<HashMap<i64, mpsc::UnboundedSender<Box<RawValue>>>>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<Notification>>>,
+    hooks: Mutex<Vec<Hook>>,
 }
 
 pub(crate) struct Connection {
@@ -105,6 +111,11 @@ impl Connection {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.routes.listeners).push(tx);
         rx
+    }
+
+    /// Runs `hook` on every notification read from now on (see [`Hook`]).
+    pub(crate) fn add_hook(&self, hook: Hook) {
+        lock(&self.routes.hooks).push(hook);
     }
 
     pub(crate) async fn call(&self, method: &str, params: &RawValue) -> Answer {
@@ -228,6 +239,7 @@ async fn read_loop(stream: Arc<Stream>, routes: Arc<Routes>, alive: Arc<AtomicBo
     }
     lock(&routes.streams).clear();
     lock(&routes.listeners).clear();
+    lock(&routes.hooks).clear();
 }
 
 fn route(line: &[u8], routes: &Routes) {
@@ -249,6 +261,9 @@ fn route(line: &[u8], routes: &Routes) {
                     return;
                 }
             }
+        }
+        for h in lock(&routes.hooks).iter() {
+            h(&method, &params);
         }
         let mut ls = lock(&routes.listeners);
         ls.retain(|l| !l.is_closed());

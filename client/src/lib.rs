@@ -15,11 +15,13 @@
 mod chat;
 mod connection;
 mod error;
+mod token_cache;
 
 pub use chat::{ChatEvent, ChatStream};
 pub use connection::Notification;
 pub use error::Error;
 pub use llmd_proto as proto;
+pub use token_cache::TokenCache;
 
 use connection::Connection;
 use llmd_proto::methods::{
@@ -55,6 +57,11 @@ impl Client {
             path,
             conn: Arc::new(Mutex::new(Some(Arc::new(conn)))),
         })
+    }
+
+    /// A [`TokenCache`] that uses this client's connection (see [`TokenCache::new`]).
+    pub fn token_cache(&self, min_valid_secs: u64) -> TokenCache {
+        TokenCache::new(self.clone(), min_valid_secs)
     }
 
     /// The socket path this client uses.

@@ -126,7 +126,8 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
         .notifier
         .ready(&systemd::serving_status(profiles.len(), &shown));
     manager.start_watchdog(probe_address.as_ref(), daemon.shutdown.clone());
-    server::run(daemon.clone(), listener, grace).await;
+    let handlers = llmd::handlers::Handlers::new(daemon.clone());
+    server::run(daemon.clone(), handlers, listener, grace).await;
     // A refresh in flight gets to write its tokens, within the same stop budget.
     let refresh_limit = llmd::refresh::late_limit(Duration::from_secs(
         daemon.registry().config.daemon.refresh_timeout_secs,

@@ -9,7 +9,7 @@ use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, HttpEndpoin
 use crate::ratelimit::RateLimiter;
 use crate::refresh::{Force, LoginHandle, LoginSpec, Settings};
 use crate::secret::Secret;
-use crate::sync::lock;
+use arc_swap::ArcSwapOption;
 use llmd_proto::methods::{
     CredentialSource, Event, Limits, ProfileState, ProfileStatus, TokenResult,
 };
@@ -17,7 +17,7 @@ use llmd_proto::{ErrorKind, RpcError};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -47,8 +47,25 @@ pub struct Profile {
     pub credential: Credential,
     /// Shared rate limits of its chat traffic.
     pub limiter: Arc<RateLimiter>,
-    /// The serialized `token` answer of the last token served.
-    answer: Mutex<Option<(Secret, Arc<str>)>>,
+    /// The serialized `token` answer of the last token served, shared by every connection
+    /// without a lock (replaced only when the token changes).
+    answer: ArcSwapOption<Answer>,
+}
+
+/// A serialized `token`/`refresh` result and the token it was built from.
+pub struct Answer {
+    token: Secret,
+    expires_at: Option<i64>,
+    /// The result object, JSON.
+    pub json: Box<str>,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Shared services a profile needs when it is built.
@@ -130,7 +147,7 @@ impl Profile {
             config: cfg.clone(),
             credential,
             limiter: Arc::new(RateLimiter::new(cfg.rate_limit.as_ref())),
-            answer: Mutex::new(None),
+            answer: ArcSwapOption::empty(),
         }
     }
 
@@ -142,29 +159,57 @@ impl Profile {
             .then(|| LoginKey::of(&self.name, &self.config, env))
     }
 
-    /// The `token`/`refresh` answer, serialized. The JSON of the current token is built once
-    /// per token and reused, so the hot path costs one copy instead of a header map and a
-    /// serialization per call.
+    /// The `token`/`refresh` answer, serialized (after a refresh if one is needed).
     pub async fn token_answer(
         &self,
         min_valid: u64,
         force: Force,
     ) -> Result<Box<RawValue>, RpcError> {
         let (token, expires_at) = self.secret(min_valid, force).await?;
-        {
-            let cached = lock(&self.answer);
-            if let Some((t, json)) = cached.as_ref() {
-                if *t == token {
-                    return RawValue::from_string(json.to_string())
-                        .map_err(|e| RpcError::internal(e.to_string()));
-                }
+        let answer = self.answer(&token, expires_at)?;
+        RawValue::from_string(answer.json.to_string())
+            .map_err(|e| RpcError::internal(e.to_string()))
+    }
+
+    /// The `token` answer when it needs no waiting: a key (or why there is none), or a
+    /// login whose token stays valid `min_valid` more seconds. `None`: the login task must
+    /// be asked (a refresh is due). The JSON is built once per token and shared.
+    pub fn ready_answer(&self, min_valid: u64) -> Option<Result<Arc<Answer>, RpcError>> {
+        match &self.credential {
+            Credential::Static(Ok(k)) => Some(self.answer(k, None)),
+            Credential::Static(Err(why)) => Some(Err(self.missing(why))),
+            Credential::Login(h) => {
+                let snap = h.snapshot();
+                let (t, e) = snap.valid_token(min_valid)?;
+                Some(self.answer(t, e))
             }
         }
-        let answer = self.answer_for(&token, expires_at);
-        let raw = serde_json::value::to_raw_value(&answer)
+    }
+
+    fn answer(&self, token: &Secret, expires_at: Option<i64>) -> Result<Arc<Answer>, RpcError> {
+        if let Some(a) = self.answer.load().as_ref() {
+            if a.token == *token && a.expires_at == expires_at {
+                return Ok(a.clone());
+            }
+        }
+        let json = serde_json::to_string(&self.answer_for(token, expires_at))
             .map_err(|e| RpcError::internal(e.to_string()))?;
-        *lock(&self.answer) = Some((token, Arc::from(raw.get())));
-        Ok(raw)
+        let a = Arc::new(Answer {
+            token: token.clone(),
+            expires_at,
+            json: json.into_boxed_str(),
+        });
+        self.answer.store(Some(a.clone()));
+        Ok(a)
+    }
+
+    fn missing(&self, why: &credentials::KeyError) -> RpcError {
+        // Nothing is configured or found: not a dead login, so not `needs_login`.
+        RpcError::new(
+            ErrorKind::MissingCredential,
+            format!("profile `{}`: {why}", self.name),
+        )
+        .with("profile", self.name.as_str())
     }
 
     /// A token valid for `min_valid` seconds, with the headers the provider needs.
@@ -190,14 +235,7 @@ impl Profile {
     ) -> Result<(Secret, Option<i64>), RpcError> {
         Ok(match &self.credential {
             Credential::Static(Ok(k)) => (k.clone(), None),
-            Credential::Static(Err(why)) => {
-                // Nothing is configured or found: not a dead login, so not `needs_login`.
-                return Err(RpcError::new(
-                    ErrorKind::MissingCredential,
-                    format!("profile `{}`: {why}", self.name),
-                )
-                .with("profile", self.name.as_str()));
-            }
+            Credential::Static(Err(why)) => return Err(self.missing(why)),
             Credential::Login(h) => h.token(min_valid, force).await?,
         })
     }
@@ -490,5 +528,62 @@ fn login_source(
                 .unwrap_or_else(|| state_dir.join("oauth").join(format!("{name}.json")));
             (Source::Bundle(BundleFile { path }), None)
         }
+    }
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+
+    fn key_profile(key: &str) -> Profile {
+        let config: ProfileConfig =
+            toml::from_str("provider = \"anthropic\"\nauth = \"api-key\"\n").unwrap();
+        Profile {
+            name: "k".into(),
+            limiter: Arc::new(RateLimiter::new(None)),
+            credential: Credential::Static(Ok(Secret::new(key))),
+            config,
+            answer: ArcSwapOption::empty(),
+        }
+    }
+
+    #[test]
+    fn the_token_answer_is_built_once_and_shared() {
+        let p = key_profile("sk-ant-api03-one");
+        let a = p.ready_answer(0).unwrap().unwrap();
+        let b = p.ready_answer(3600).unwrap().unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the same serialized answer, not a copy"
+        );
+        let v: serde_json::Value = serde_json::from_str(&a.json).unwrap();
+        assert_eq!(v["token"], "sk-ant-api03-one");
+        assert_eq!(v["headers"]["x-api-key"], "sk-ant-api03-one");
+        assert!(v["expires_at"].is_null());
+    }
+
+    #[test]
+    fn a_new_token_gets_a_new_answer() {
+        let p = key_profile("sk-ant-api03-one");
+        let a = p.answer(&Secret::new("sk-ant-api03-one"), None).unwrap();
+        let b = p.answer(&Secret::new("sk-ant-api03-two"), None).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(b.json.contains("sk-ant-api03-two") && !b.json.contains("-one"));
+        let c = p.answer(&Secret::new("sk-ant-api03-two"), Some(5)).unwrap();
+        assert!(
+            c.json.contains("\"expires_at\":5"),
+            "a new expiry is a new answer"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_answered_at_once() {
+        let mut p = key_profile("x");
+        p.credential = Credential::Static(Err(credentials::KeyError::Missing {
+            what: "API key",
+            hint: "set LLMD_NOPE".into(),
+        }));
+        let e = p.ready_answer(0).unwrap().unwrap_err();
+        assert_eq!(e.code, RpcError::new(ErrorKind::MissingCredential, "").code);
     }
 }

@@ -11,7 +11,6 @@ use llmd_proto::methods::Event;
 use llmd_proto::RpcError;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
@@ -34,8 +33,6 @@ pub struct Registry {
 pub struct Daemon {
     /// Start time, for `uptime_secs`.
     pub started: Instant,
-    /// Open client connections.
-    pub connections: AtomicU64,
     /// `token.rotated` / `profile.state` events.
     pub events: broadcast::Sender<Event>,
     /// HTTP client for token endpoints.
@@ -48,10 +45,6 @@ pub struct Daemon {
     pub pending_logins: Mutex<HashMap<String, PendingLogin>>,
     /// Registered tools.
     pub tools: ToolRegistry,
-    /// Agent names from `hello`, by connection id.
-    pub agents: Mutex<BTreeMap<u64, String>>,
-    /// Source of connection ids.
-    pub next_connection_id: AtomicU64,
     /// The HTTP gateway, once started.
     pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
     config_path: PathBuf,
@@ -83,15 +76,12 @@ impl Daemon {
         };
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
-            connections: AtomicU64::new(0),
             events,
             http,
             provider_http,
             shutdown: CancellationToken::new(),
             pending_logins: Mutex::new(HashMap::new()),
             tools: ToolRegistry::load(state_dir.join("tools.json")),
-            agents: Mutex::new(BTreeMap::new()),
-            next_connection_id: AtomicU64::new(1),
             gateway: std::sync::OnceLock::new(),
             config_path,
             config_explicit,

@@ -17,12 +17,7 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let version = crate::logging::clean_name(&p.version, MAX_VERSION_CHARS);
     tracing::debug!(agent = %client, agent_version = %version, "hello");
     let name = format!("{client}/{version}");
-    if let Ok(mut agents) = ctx.daemon.agents.lock() {
-        agents.insert(ctx.conn.id, name.clone());
-    }
-    if let Ok(mut a) = ctx.conn.agent.lock() {
-        *a = Some(name.into());
-    }
+    ctx.conn.set_agent(name);
     ok(&HelloResult {
         server: "llmd".into(),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -1,7 +1,6 @@
 //! One handler per method. Each takes its params raw, parses its own shape and returns a
 //! serialized result, so the connection code knows nothing about methods.
 
-pub mod cancel;
 pub mod chat;
 pub mod credentials;
 pub mod gateway;
@@ -14,9 +13,11 @@ pub mod token;
 pub mod tools;
 
 use crate::server::connection::Conn;
+use crate::server::{Dispatcher, Ready};
 use crate::state::Daemon;
+use futures_util::future::BoxFuture;
 use llmd_proto::methods::names;
-use llmd_proto::{ErrorKind, Id, RpcError};
+use llmd_proto::{ErrorKind, Id, Request, RpcError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -32,6 +33,43 @@ pub struct Ctx {
 
 /// A handler's answer.
 pub type Reply = Result<Box<RawValue>, RpcError>;
+
+/// The handlers, as the server's [`Dispatcher`].
+pub struct Handlers {
+    daemon: Arc<Daemon>,
+}
+
+impl Handlers {
+    /// Handlers working on `daemon`.
+    pub fn new(daemon: Arc<Daemon>) -> Arc<Handlers> {
+        Arc::new(Handlers { daemon })
+    }
+}
+
+impl Dispatcher for Handlers {
+    fn ready(&self, req: &Request) -> Option<Ready> {
+        match req.method.as_str() {
+            names::TOKEN => token::ready(&self.daemon, req.params.as_deref()),
+            _ => None,
+        }
+    }
+
+    fn call<'a>(
+        &'a self,
+        conn: &'a Arc<Conn>,
+        id: Option<&'a Id>,
+        method: &'a str,
+        params: Option<&'a RawValue>,
+    ) -> BoxFuture<'a, Reply> {
+        Box::pin(async move {
+            let ctx = Ctx {
+                daemon: self.daemon.clone(),
+                conn: conn.clone(),
+            };
+            dispatch(&ctx, id, method, params).await
+        })
+    }
+}
 
 /// Runs the handler of `method`.
 pub async fn dispatch(

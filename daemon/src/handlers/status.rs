@@ -3,7 +3,6 @@
 use super::{ok, parse, Ctx, Reply};
 use llmd_proto::methods::{Empty, StatusResult};
 use serde_json::value::RawValue;
-use std::sync::atomic::Ordering;
 
 /// Answers with the daemon's and every profile's state.
 pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
@@ -14,12 +13,8 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         version: env!("CARGO_PKG_VERSION").into(),
         protocol: llmd_proto::PROTOCOL_VERSION,
         uptime_secs: d.started.elapsed().as_secs(),
-        connections: d.connections.load(Ordering::Relaxed),
-        agents: d
-            .agents
-            .lock()
-            .map(|a| a.values().cloned().collect())
-            .unwrap_or_default(),
+        connections: ctx.conn.sockets.open(),
+        agents: ctx.conn.sockets.agents(),
         profiles: reg
             .profiles
             .values()

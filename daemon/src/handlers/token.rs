@@ -1,9 +1,34 @@
 //! `token` and `refresh`: a valid token with the provider's auth headers.
 
 use super::{parse, Ctx, Reply};
+use crate::profile::Answer;
 use crate::refresh::Force;
+use crate::server::{Ready, SharedJson};
+use crate::state::Daemon;
 use llmd_proto::methods::{ProfileParams, TokenParams};
 use serde_json::value::RawValue;
+use std::sync::Arc;
+
+impl SharedJson for Answer {
+    fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// The `token` answer when it needs no waiting (see [`crate::profile::Profile::ready_answer`]);
+/// bad params and unknown profiles are answered at once too.
+pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
+    let p: TokenParams = match parse(params) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    let profile = match daemon.profile(&p.profile) {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    let answer = profile.ready_answer(p.min_valid_secs.unwrap_or(0))?;
+    Some(answer.map(|a| a as Arc<dyn SharedJson>))
+}
 
 /// A token valid for `min_valid_secs` (default 0), refreshing first only when needed.
 pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {

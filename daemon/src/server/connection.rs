@@ -1,11 +1,13 @@
-//! One client connection: a reader that decodes lines and starts a task per request, and
-//! a writer that sends whatever those tasks produce, in completion order.
+//! One client connection: a reader that decodes lines, answers what needs no waiting at
+//! once and starts a task for the rest, and a writer that sends whatever is queued, in
+//! completion order, coalesced into few writes. Methods are the [`Dispatcher`]'s business.
 
-use crate::handlers::{self, Ctx};
+use super::{Dispatcher, Sockets};
 use crate::state::Daemon;
 use crate::sync::lock;
 use futures_util::FutureExt;
 use interprocess::local_socket::tokio::Stream;
+use llmd_proto::methods::{names, CancelParams, Empty};
 use llmd_proto::{encode_line, ErrorKind, Id, LineDecoder, Request, Response, RpcError};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -21,6 +23,8 @@ use tracing::Instrument;
 pub struct Conn {
     /// Connection id (for the agent list of `status`).
     pub id: u64,
+    /// The server's connection bookkeeping (open connections, agent names).
+    pub sockets: Arc<Sockets>,
     /// Agent name from `hello`.
     pub agent: Mutex<Option<Arc<str>>>,
     out: mpsc::Sender<Vec<u8>>,
@@ -34,6 +38,46 @@ pub struct Conn {
     /// How long a stream waits for room in this connection's queue.
     pub write_timeout: Duration,
     next_anon: std::sync::atomic::AtomicU64,
+    /// Who may write to the socket now: the writer task or the reader (answers it gave at
+    /// once, written without a hand-over when nothing else is being written).
+    turn: Arc<Turn>,
+}
+
+/// One writer at a time on the socket, so lines never interleave.
+#[derive(Default)]
+struct Turn {
+    busy: std::sync::atomic::AtomicBool,
+    free: tokio::sync::Notify,
+}
+
+impl Turn {
+    fn try_take(&self) -> bool {
+        self.busy
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::Acquire,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    async fn take(&self) {
+        loop {
+            let freed = self.free.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.try_take() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    fn give_back(&self) {
+        self.busy.store(false, std::sync::atomic::Ordering::Release);
+        self.free.notify_waiters();
+    }
 }
 
 /// What an in-flight task is filed under: its id, or a private number for a notification
@@ -96,6 +140,12 @@ impl Conn {
         ok
     }
 
+    /// Names this connection's agent (`client/version`) for logs and `status`.
+    pub fn set_agent(&self, name: String) {
+        self.sockets.set_agent(self.id, name.clone());
+        *lock(&self.agent) = Some(name.into());
+    }
+
     /// Makes `token` the connection's one subscription, ending the one before.
     pub fn replace_subscription(&self, token: CancellationToken) {
         if let Some(old) = lock(&self.subscription).replace(token) {
@@ -132,17 +182,21 @@ impl Conn {
 }
 
 /// Serves one connection until the client leaves, misbehaves or the daemon stops.
-pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    dispatcher: Arc<dyn Dispatcher>,
+    sockets: Arc<Sockets>,
+    conn_id: u64,
+    stream: Stream,
+) {
     // `&Stream` reads and writes, so sharing it replaces splitting.
     let stream = Arc::new(stream);
     let mut rx: &Stream = &stream;
     let cfg = daemon.registry().config.daemon.clone();
     let (out, queue) = mpsc::channel(cfg.max_queued_responses);
-    let conn_id = daemon
-        .next_connection_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let conn = Arc::new(Conn {
         id: conn_id,
+        sockets,
         agent: Mutex::new(None),
         out,
         gone: CancellationToken::new(),
@@ -151,9 +205,16 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
         subscription: Mutex::new(None),
         write_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
         next_anon: std::sync::atomic::AtomicU64::new(0),
+        turn: Arc::new(Turn::default()),
     });
     let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
-    let writer = tokio::spawn(write_loop(stream.clone(), queue, conn.gone.clone(), idle));
+    let writer = tokio::spawn(write_loop(
+        stream.clone(),
+        queue,
+        conn.gone.clone(),
+        idle,
+        conn.turn.clone(),
+    ));
     let max_in_flight = cfg.max_queued_responses.saturating_mul(4);
     // When the current unfinished line began: the idle limit counts from there, so a
     // trickle of bytes cannot keep a half line (and its buffer) alive forever.
@@ -162,10 +223,13 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
     let mut partial_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut got_bytes = false;
     let mut decoder = LineDecoder::new(cfg.max_frame_bytes);
+    // Answers given at once, sent together after each read: one queue entry (and one
+    // write) for all the requests a read brought.
+    let mut ready = Vec::new();
     'read: loop {
         loop {
             match decoder.decode() {
-                Ok(Some(line)) => dispatch(&daemon, &conn, line, max_in_flight),
+                Ok(Some(line)) => dispatch(&dispatcher, &conn, line, max_in_flight, &mut ready),
                 Ok(None) => break,
                 Err(too_large) => {
                     let e = RpcError::new(
@@ -178,6 +242,10 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
                     break 'read;
                 }
             }
+        }
+        if !ready.is_empty() && !write_ready(&stream, &conn, &mut ready, idle).await {
+            conn.abort_all();
+            break 'read;
         }
         partial_since = match (decoder.has_partial_line(), partial_since) {
             (false, since) if !got_bytes => since,
@@ -213,10 +281,12 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
             Ok(_) => got_bytes = true,
         }
     }
+    if !ready.is_empty() {
+        conn.send(ready);
+    }
     conn.closing.cancel();
     drop(conn);
     let _ = writer.await;
-    lock(&daemon.agents).remove(&conn_id);
 }
 
 /// After EOF the client may only have shut its sending side (answers still wanted) or be
@@ -261,7 +331,45 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: usize) {
+/// Appends a success line answering `id` with a shared result, without parsing it again.
+fn ready_line(out: &mut Vec<u8>, id: Option<&Id>, json: &str) {
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    if serde_json::to_writer(&mut *out, &id).is_err() {
+        out.extend_from_slice(b"null");
+    }
+    out.extend_from_slice(br#","result":"#);
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// `cancel` is the connection's own business: it stops a request of this connection.
+fn cancel(conn: &Conn, params: Option<&RawValue>) -> Result<Box<RawValue>, RpcError> {
+    let p: CancelParams =
+        serde_json::from_str(params.map_or("{}", RawValue::get)).map_err(|e| {
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg);
+            RpcError::invalid_params(format!("invalid params: {msg}"))
+        })?;
+    if conn.cancel(&p.id) {
+        conn.respond(
+            Some(&p.id),
+            Err(RpcError::new(
+                ErrorKind::Cancelled,
+                "cancelled by the client",
+            )),
+        );
+    }
+    serde_json::value::to_raw_value(&Empty {})
+        .map_err(|e| RpcError::internal(format!("cannot encode result: {e}")))
+}
+
+fn dispatch(
+    dispatcher: &Arc<dyn Dispatcher>,
+    conn: &Arc<Conn>,
+    line: &[u8],
+    max_in_flight: usize,
+    ready: &mut Vec<u8>,
+) {
     if line.iter().all(u8::is_ascii_whitespace) {
         return;
     }
@@ -282,17 +390,32 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
             return;
         }
     };
-    if req.method == llmd_proto::methods::names::CANCEL {
-        let result = handlers::cancel::handle(conn, req.params.as_deref());
+    if req.method == names::CANCEL {
+        let result = cancel(conn, req.params.as_deref());
         if req.id.is_some() {
             conn.respond(req.id.as_ref(), result);
         }
         return;
     }
-    let ctx = Ctx {
-        daemon: daemon.clone(),
-        conn: conn.clone(),
-    };
+    if let Some(answer) = dispatcher.ready(&req) {
+        // A request with the id of one still in flight gets the error below instead.
+        let clash = req
+            .id
+            .as_ref()
+            .is_some_and(|id| lock(&conn.inflight).contains_key(&Slot::Id(id.clone())));
+        if !clash {
+            match (&req.id, answer) {
+                (None, _) => {}
+                (Some(id), Ok(shared)) => ready_line(ready, Some(id), shared.json()),
+                (Some(id), Err(e)) => {
+                    ready.extend_from_slice(&encode_line(&Response::err(Some(id), &e)))
+                }
+            }
+            return;
+        }
+    }
+    let dispatcher = dispatcher.clone();
+    let task_conn = conn.clone();
     // Every log line of the request carries its method and agent (journald fields). The
     // agent name is shared, not copied; with info logs off the span is not built at all.
     let span = if tracing::enabled!(tracing::Level::INFO) {
@@ -331,8 +454,12 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
     let task = tokio::spawn(
         async move {
             // A panicking handler (a bug) must still answer, or the caller waits forever.
-            let work =
-                handlers::dispatch(&ctx, req.id.as_ref(), &req.method, req.params.as_deref());
+            let work = dispatcher.call(
+                &task_conn,
+                req.id.as_ref(),
+                &req.method,
+                req.params.as_deref(),
+            );
             let result = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
                 Ok(r) => r,
                 Err(_) => {
@@ -344,14 +471,14 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
             };
             // `cancel` removes the entry and answers itself: then this answer is dropped,
             // so each id gets exactly one response.
-            if lock(&ctx.conn.inflight).remove(&task_slot).is_none() {
+            if lock(&task_conn.inflight).remove(&task_slot).is_none() {
                 return;
             }
             if let Some(id) = &req.id {
                 if let Err(e) = &result {
                     tracing::debug!(code = e.code, error = %e.message, "request failed");
                 }
-                ctx.conn.respond(Some(id), result);
+                task_conn.respond(Some(id), result);
             }
         }
         .instrument(span),
@@ -359,11 +486,38 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
     inflight.insert(slot, task.abort_handle());
 }
 
+/// Sends the answers the reader gave at once: itself when the socket is free (no hand-over
+/// to the writer task), else through the queue. False when the connection is gone.
+async fn write_ready(
+    stream: &Arc<Stream>,
+    conn: &Arc<Conn>,
+    ready: &mut Vec<u8>,
+    write_timeout: Duration,
+) -> bool {
+    if !conn.turn.try_take() {
+        conn.send(std::mem::take(ready));
+        return !conn.gone.is_cancelled();
+    }
+    let mut tx: &Stream = stream;
+    let write = tokio::time::timeout(write_timeout, tx.write_all(ready));
+    let ok = tokio::select! {
+        r = write => matches!(r, Ok(Ok(()))),
+        _ = conn.gone.cancelled() => false,
+    };
+    conn.turn.give_back();
+    ready.clear();
+    if !ok && !conn.gone.is_cancelled() {
+        conn.gone.cancel();
+    }
+    ok
+}
+
 async fn write_loop(
     stream: Arc<Stream>,
     mut queue: mpsc::Receiver<Vec<u8>>,
     gone: CancellationToken,
     write_timeout: Duration,
+    turn: Arc<Turn>,
 ) {
     let mut tx: &Stream = &stream;
     let mut batch = Vec::with_capacity(16 * 1024);
@@ -383,7 +537,12 @@ async fn write_loop(
             }
         }
         // A client that stops reading is dropped once a write has been stuck this long.
-        let write = tokio::time::timeout(write_timeout, tx.write_all(&batch));
+        let write = tokio::time::timeout(write_timeout, async {
+            turn.take().await;
+            let r = tx.write_all(&batch).await;
+            turn.give_back();
+            r
+        });
         let ok = tokio::select! {
             r = write => matches!(r, Ok(Ok(()))),
             _ = gone.cancelled() => false,

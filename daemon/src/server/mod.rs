@@ -1,29 +1,129 @@
-//! The socket side: accept loop, peer checks, connection limit.
+//! The socket side: accept loop, peer checks, connection limit, and the connections'
+//! own bookkeeping ([`Sockets`]). It knows nothing of methods: it is given a
+//! [`Dispatcher`] (the handlers) that answers requests.
 
 pub mod connection;
 pub mod listener;
 
 use crate::fsutil::current_uid;
 use crate::state::Daemon;
+use connection::Conn;
+use futures_util::future::BoxFuture;
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::traits::StreamCommon;
-use llmd_proto::{encode_line, ErrorKind, Response, RpcError};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use llmd_proto::{encode_line, ErrorKind, Id, Request, Response, RpcError};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+
+/// A result serialized once and shared by every answer that carries it.
+pub trait SharedJson: Send + Sync {
+    /// The JSON text.
+    fn json(&self) -> &str;
+}
+
+/// An answer the reader can send at once.
+pub type Ready = Result<Arc<dyn SharedJson>, RpcError>;
+
+/// What the server calls for each request.
+pub trait Dispatcher: Send + Sync + 'static {
+    /// The answer of `req` if it needs no waiting; the connection's reader sends it at once
+    /// (no task, no span). `None`: run it with [`Dispatcher::call`].
+    fn ready(&self, req: &Request) -> Option<Ready>;
+
+    /// Runs one request (in its own task) to its result.
+    fn call<'a>(
+        &'a self,
+        conn: &'a Arc<Conn>,
+        id: Option<&'a Id>,
+        method: &'a str,
+        params: Option<&'a RawValue>,
+    ) -> BoxFuture<'a, Result<Box<RawValue>, RpcError>>;
+}
+
+/// Open connections, agent names and connection ids.
+pub struct Sockets {
+    /// One permit per open connection, owned by its task: a task that ends in any way
+    /// (also by a panic) gives its slot back.
+    slots: Arc<Semaphore>,
+    /// `max_connections` the semaphore was sized for.
+    max: Mutex<usize>,
+    agents: Mutex<BTreeMap<u64, String>>,
+    next_id: AtomicU64,
+}
+
+impl Sockets {
+    /// Room for `max` connections.
+    pub fn new(max: usize) -> Arc<Sockets> {
+        Arc::new(Sockets {
+            slots: Arc::new(Semaphore::new(max)),
+            max: Mutex::new(max),
+            agents: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Open connections.
+    pub fn open(&self) -> u64 {
+        let max = *crate::sync::lock(&self.max);
+        max.saturating_sub(self.slots.available_permits()) as u64
+    }
+
+    /// Agents that named themselves (`client/version`), one per connection.
+    pub fn agents(&self) -> Vec<String> {
+        crate::sync::lock(&self.agents).values().cloned().collect()
+    }
+
+    /// Names connection `id`'s agent.
+    pub fn set_agent(&self, id: u64, name: String) {
+        crate::sync::lock(&self.agents).insert(id, name);
+    }
+
+    fn forget(&self, id: u64) {
+        crate::sync::lock(&self.agents).remove(&id);
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A slot under the limit `max` (the config may have changed since the last call).
+    fn admit(&self, max: usize) -> Option<OwnedSemaphorePermit> {
+        {
+            let mut cur = crate::sync::lock(&self.max);
+            if max > *cur {
+                self.slots.add_permits(max - *cur);
+                *cur = max;
+            } else if max < *cur {
+                // Slots in use are taken back as they are freed, on later calls.
+                *cur -= self.slots.forget_permits(*cur - max);
+            }
+        }
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
 
 /// Accepts connections until shutdown; then stops accepting (the listener is closed at
 /// once), lets the open connections finish what they are doing for up to `grace`, and cuts
 /// whatever is still running after that.
-pub async fn run(daemon: Arc<Daemon>, listener: Listener, grace: Duration) {
+pub async fn run(
+    daemon: Arc<Daemon>,
+    dispatcher: Arc<dyn Dispatcher>,
+    listener: Listener,
+    grace: Duration,
+) {
+    let sockets = Sockets::new(daemon.registry().config.daemon.max_connections);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(stream) => admit(&daemon, stream, &mut conns).await,
+                Ok(stream) => admit(&daemon, &dispatcher, &sockets, stream, &mut conns).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -54,7 +154,13 @@ pub async fn run(daemon: Arc<Daemon>, listener: Listener, grace: Duration) {
     }
 }
 
-async fn admit(daemon: &Arc<Daemon>, stream: Stream, conns: &mut JoinSet<()>) {
+async fn admit(
+    daemon: &Arc<Daemon>,
+    dispatcher: &Arc<dyn Dispatcher>,
+    sockets: &Arc<Sockets>,
+    stream: Stream,
+    conns: &mut JoinSet<()>,
+) {
     let euid = stream.peer_creds().ok().and_then(|c| c.euid());
     let me = current_uid();
     if euid != Some(me) && euid != Some(0) {
@@ -69,10 +175,8 @@ async fn admit(daemon: &Arc<Daemon>, stream: Stream, conns: &mut JoinSet<()>) {
         .await;
         return;
     }
-    let max = daemon.registry().config.daemon.max_connections as u64;
-    let open = daemon.connections.fetch_add(1, Ordering::SeqCst);
-    if open >= max {
-        daemon.connections.fetch_sub(1, Ordering::SeqCst);
+    let max = daemon.registry().config.daemon.max_connections;
+    let Some(permit) = sockets.admit(max) else {
         tracing::warn!(max, "connection limit reached");
         reject(
             stream,
@@ -83,12 +187,24 @@ async fn admit(daemon: &Arc<Daemon>, stream: Stream, conns: &mut JoinSet<()>) {
         )
         .await;
         return;
-    }
-    let d = daemon.clone();
+    };
+    let id = sockets.next_id();
+    let (d, disp, socks) = (daemon.clone(), dispatcher.clone(), sockets.clone());
     conns.spawn(async move {
-        connection::serve(d.clone(), stream).await;
-        d.connections.fetch_sub(1, Ordering::SeqCst);
+        // Both dropped with the task, however it ends (also by a panic).
+        let _slot = permit;
+        let _agent = ForgetAgent(socks.clone(), id);
+        connection::serve(d, disp, socks, id, stream).await;
     });
+}
+
+/// Drops a connection's agent name when its task ends.
+struct ForgetAgent(Arc<Sockets>, u64);
+
+impl Drop for ForgetAgent {
+    fn drop(&mut self) {
+        self.0.forget(self.1);
+    }
 }
 
 async fn reject(stream: Stream, err: RpcError) {
@@ -101,4 +217,40 @@ async fn reject(stream: Stream, err: RpcError) {
         })
         .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_connection_task_gives_its_slot_back() {
+        let sockets = Sockets::new(1);
+        let permit = sockets.admit(1).expect("a free slot");
+        assert!(sockets.admit(1).is_none(), "the one slot is taken");
+        assert_eq!(sockets.open(), 1);
+        let task = tokio::spawn(async move {
+            let _slot = permit;
+            panic!("a bug in a connection task");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(sockets.open(), 0);
+        assert!(sockets.admit(1).is_some(), "the slot came back");
+    }
+
+    #[tokio::test]
+    async fn the_limit_follows_the_config() {
+        let sockets = Sockets::new(1);
+        let a = sockets.admit(1).unwrap();
+        let b = sockets.admit(2).expect("raised to 2");
+        assert!(sockets.admit(2).is_none());
+        // Lowered to 1 while two are open: nobody new until both slots are back under it.
+        assert!(sockets.admit(1).is_none());
+        drop(a);
+        assert!(sockets.admit(1).is_none(), "one open of a limit of 1");
+        drop(b);
+        let c = sockets.admit(1).expect("room again");
+        assert_eq!(sockets.open(), 1);
+        drop(c);
+    }
 }
