@@ -1006,6 +1006,7 @@ mod tests {
             source: None,
             base_url: None,
             default_model: None,
+            upstream: None,
         }
     }
 

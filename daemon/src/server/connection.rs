@@ -34,6 +34,8 @@ pub struct Conn {
     /// How long a stream waits for room in this connection's queue.
     pub write_timeout: Duration,
     next_anon: std::sync::atomic::AtomicU64,
+    /// What the peer's uid may call.
+    pub access: crate::access::Access,
 }
 
 /// What an in-flight task is filed under: its id, or a private number for a notification
@@ -132,7 +134,7 @@ impl Conn {
 }
 
 /// Serves one connection until the client leaves, misbehaves or the daemon stops.
-pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
+pub async fn serve(daemon: Arc<Daemon>, stream: Stream, access: crate::access::Access) {
     // `&Stream` reads and writes, so sharing it replaces splitting.
     let stream = Arc::new(stream);
     let mut rx: &Stream = &stream;
@@ -151,6 +153,7 @@ pub async fn serve(daemon: Arc<Daemon>, stream: Stream) {
         subscription: Mutex::new(None),
         write_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
         next_anon: std::sync::atomic::AtomicU64::new(0),
+        access,
     });
     let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
     let writer = tokio::spawn(write_loop(stream.clone(), queue, conn.gone.clone(), idle));
@@ -282,6 +285,10 @@ fn dispatch(daemon: &Arc<Daemon>, conn: &Arc<Conn>, line: &[u8], max_in_flight: 
             return;
         }
     };
+    if let Err(e) = crate::access::check(conn.access, &req.method) {
+        conn.respond(req.id.as_ref(), Err(e));
+        return;
+    }
     if req.method == llmd_proto::methods::names::CANCEL {
         let result = handlers::cancel::handle(conn, req.params.as_deref());
         if req.id.is_some() {

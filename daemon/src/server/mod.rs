@@ -57,7 +57,9 @@ pub async fn run(daemon: Arc<Daemon>, listener: Listener, grace: Duration) {
 async fn admit(daemon: &Arc<Daemon>, stream: Stream, conns: &mut JoinSet<()>) {
     let euid = stream.peer_creds().ok().and_then(|c| c.euid());
     let me = current_uid();
-    if euid != Some(me) && euid != Some(0) {
+    let allow = &daemon.registry().config.daemon.allow_uids;
+    let access = crate::access::of_peer(euid, me, allow);
+    if access == crate::access::Access::None {
         tracing::warn!(peer_uid = ?euid, "refused connection from another user");
         reject(
             stream,
@@ -86,7 +88,7 @@ async fn admit(daemon: &Arc<Daemon>, stream: Stream, conns: &mut JoinSet<()>) {
     }
     let d = daemon.clone();
     conns.spawn(async move {
-        connection::serve(d.clone(), stream).await;
+        connection::serve(d.clone(), stream, access).await;
         d.connections.fetch_sub(1, Ordering::SeqCst);
     });
 }
