@@ -233,11 +233,17 @@ async fn upstream_gone_serves_until_expiry_then_errors_then_recovers() {
     }
     assert!(fake.refresh_calls() >= calls);
     assert_eq!(fake.invalid_grants(), 0);
-    let st = fc.status().await.unwrap();
-    assert_eq!(
-        st.profiles[0].upstream.as_ref().unwrap().connection,
-        "connected"
-    );
+    // The event link comes back too (after at most one reconnect delay).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = fc.status().await.unwrap();
+        if st.profiles[0].upstream.as_ref().unwrap().connection == "connected" {
+            assert_eq!(st.profiles[0].state.to_string(), "ok");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower never resubscribed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs llmctl as `uid` against `d`'s socket.
@@ -463,4 +469,42 @@ async fn rotations_through_a_real_ssh_forward() {
         st.profiles[0].upstream.as_ref().unwrap().socket,
         forwarded.display().to_string()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_on_a_follower_uses_the_upstream_token_and_local_limits() {
+    let fake = FakeOAuth::start(3600).await;
+    let providers = llmd_tests::fake_providers::FakeProviders::start().await;
+    let up = upstream(&fake);
+    let fol = Daemon::start(&format!(
+        "[profiles.claude]\nprovider = \"anthropic\"\nauth = \"upstream\"\nupstream_socket = \"{}\"\nbase_url = \"{}\"\ndefault_model = \"claude-x\"\n\n[profiles.claude.rate_limit]\nmax_concurrent = 1\n",
+        up.socket.display(),
+        providers.anthropic_base()
+    ));
+    let fc = fol.client().await;
+    let ask: llmd_proto::chat::ChatRequest =
+        serde_json::from_value(json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        match fc.chat("claude", ask.clone()).await {
+            Ok(r) => break r,
+            Err(e) => assert!(Instant::now() < deadline, "chat never worked: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!r.content.is_empty());
+    let req = providers.chat_requests().pop().expect("a provider request");
+    assert_eq!(
+        req.header("authorization"),
+        Some(format!("Bearer {}", access_of(0)).as_str())
+    );
+    assert!(req
+        .header("anthropic-beta")
+        .is_some_and(|b| b.contains("oauth")));
+    // A 401 makes the follower ask its upstream again, never a token endpoint.
+    providers.fail_next(1, llmd_tests::fake_providers::Failure::Status(401));
+    fc.chat("claude", ask.clone()).await.unwrap();
+    assert_eq!(fake.refresh_calls(), 0);
+    let st = fc.status().await.unwrap();
+    assert!(st.profiles[0].limits.is_some(), "the follower's own limits");
 }
