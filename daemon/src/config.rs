@@ -866,6 +866,28 @@ base_url = "https://api.deepseek.com/v1"
     }
 
     #[test]
+    fn follower_keys_are_checked() {
+        let cfg = p("[daemon]\nallow_uids = [2000]\n\n[profiles.f]\nprovider = \"anthropic\"\nauth = \"upstream\"\nupstream_socket = \"~/llmd-host.sock\"\nmirror_claude_config_dir = \"~/.claude\"\n")
+            .unwrap();
+        let f = &cfg.profiles["f"];
+        assert!(f.upstream_socket.as_ref().unwrap().is_absolute());
+        assert!(f.mirror_claude_config_dir.as_ref().unwrap().is_absolute());
+        assert_eq!(cfg.daemon.allow_uids, vec![2000]);
+        let e = p("[profiles.f]\nprovider = \"anthropic\"\nauth = \"upstream\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("upstream_socket"), "{e}");
+        let e = p("[profiles.k]\nprovider = \"anthropic\"\nauth = \"api-key\"\nupstream_socket = \"/s\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("profiles.k.upstream_socket"), "{e}");
+        let e = p("[profiles.g]\nprovider = \"gemini\"\nauth = \"upstream\"\nupstream_socket = \"/s\"\nmirror_claude_config_dir = \"/m\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("mirror_claude_config_dir"), "{e}");
+    }
+
+    #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
         assert_eq!(line_col("ab", 0), (1, 1));

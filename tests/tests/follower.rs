@@ -166,6 +166,25 @@ async fn follower_tracks_upstream_rotations_and_mirrors_them() {
     let up = upstream(&fake);
     let fol = follower(&up.socket);
     rotation_check(&fake, &up, &fol, 5).await;
+    // Claude Code refreshing from the mirror (the upstream gone too long) is refused and
+    // does not spend the real login: the upstream still rotates, and the mirror follows.
+    let (status, body) = llmd_tests::fake_oauth::post_json(
+        fake.addr,
+        "/v1/oauth/token",
+        &json!({"grant_type": "refresh_token", "refresh_token": MARKER, "client_id": "9d1c250a-e61b-44d9-88ed-5944d1962f5e"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("invalid_grant"));
+    let fresh = up.client().await.refresh("claude").await.unwrap();
+    let mirror = fol.home.join("mirror/.credentials.json");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while read_json(&mirror)
+        .is_none_or(|v| v["claudeAiOauth"]["accessToken"] != fresh.token.as_str())
+    {
+        assert!(Instant::now() < deadline, "mirror not repaired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let st = fol.client().await.status().await.unwrap();
     let p = &st.profiles[0];
     assert_eq!(p.auth, "upstream");
