@@ -185,6 +185,8 @@ async fn follower_tracks_upstream_rotations_and_mirrors_them() {
         assert!(Instant::now() < deadline, "mirror not repaired");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let e = fol.client().await.refresh("claude").await.unwrap_err();
+    assert!(e.to_string().contains("only the upstream"), "{e}");
     let st = fol.client().await.status().await.unwrap();
     let p = &st.profiles[0];
     assert_eq!(p.auth, "upstream");
