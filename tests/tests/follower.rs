@@ -529,3 +529,58 @@ async fn chat_on_a_follower_uses_the_upstream_token_and_local_limits() {
     let st = fc.status().await.unwrap();
     assert!(st.profiles[0].limits.is_some(), "the follower's own limits");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_login_rotating_by_itself_is_followed() {
+    // 3-second tokens the upstream refreshes 1 s ahead: a rotation about every 2 s.
+    let fake = FakeOAuth::start(3).await;
+    let up = Daemon::builder()
+        .config(&format!(
+            "[daemon]\nrefresh_margin_secs = 1\nrefresh_timeout_secs = 2\n\n[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\n",
+            fake.anthropic_url()
+        ))
+        .file(
+            "state/llmd/oauth/work.json",
+            &json!({"access_token": access_of(0), "refresh_token": refresh_of(0), "expires_at": now() + 3}).to_string(),
+            0o600,
+        )
+        .start();
+    let fol = Daemon::start(&format!(
+        "[profiles.work]\nprovider = \"anthropic\"\nauth = \"upstream\"\nupstream_socket = \"{}\"\n",
+        up.socket.display()
+    ));
+    let fc = fol.client().await;
+    let uc = up.client().await;
+    let mut events = fc.subscribe(&["token.rotated"]).await.unwrap();
+    let mut compared = 0;
+    for _ in 0..6 {
+        next_rotation(&mut events, "work").await;
+        let before = fake.generation();
+        let f = fc.token("work", None).await.unwrap();
+        let u = uc.token("work", None).await.unwrap();
+        assert!(
+            f.expires_at.unwrap() >= now(),
+            "the follower served an expired token"
+        );
+        // Equal unless the upstream rotated again between the two calls.
+        if fake.generation() == before {
+            assert_eq!(f.token, u.token);
+            assert_eq!(f.token, access_of(before));
+            compared += 1;
+        }
+        // An agent asking for more validity than the follower holds gets it from upstream.
+        let long = fc.token("work", Some(2)).await.unwrap();
+        assert!(long.expires_at.unwrap() - now() >= 1);
+    }
+    assert!(compared >= 3, "only {compared} rounds could be compared");
+    // Every call the token endpoint saw was one of the upstream's refreshes.
+    // (One more may be in flight on the upstream while it is counted.)
+    let done = uc.status().await.unwrap().profiles[0].refresh_count;
+    let calls = fake.refresh_calls();
+    assert!(
+        calls == done || calls == done + 1,
+        "{calls} calls, {done} refreshes"
+    );
+    assert!(done >= 6);
+    assert_eq!(fake.invalid_grants(), 0);
+}
