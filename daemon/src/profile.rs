@@ -419,10 +419,16 @@ pub fn credential_source(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> C
             };
             vec![file(kind, &login_source(name, cfg, state_dir).0.path())]
         }
-        AuthKind::Upstream => vec![file(
-            "upstream",
-            cfg.upstream_socket.as_deref().unwrap_or(Path::new("")),
-        )],
+        AuthKind::Upstream => {
+            // A socket, not a file: present when something is there (a forward may be down).
+            let path = cfg.upstream_socket.as_deref().unwrap_or(Path::new(""));
+            vec![CredentialSource {
+                kind: "upstream".into(),
+                location: path.display().to_string(),
+                present: std::fs::symlink_metadata(path).is_ok(),
+                ..Default::default()
+            }]
+        }
     };
     let win = candidates.iter().position(|c| c.present).unwrap_or(
         // Nothing is present: name the source the user is most likely to fill.

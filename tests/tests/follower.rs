@@ -194,6 +194,16 @@ async fn follower_tracks_upstream_rotations_and_mirrors_them() {
     assert_eq!(u.socket, up.socket.display().to_string());
     assert_eq!(u.profile, "claude");
     assert_eq!(u.connection, "connected");
+    let out = fol.llmctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "upstream {} (claude, connected)",
+            up.socket.display()
+        )),
+        "{text}"
+    );
+    assert!(out.status.success(), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
