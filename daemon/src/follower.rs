@@ -282,7 +282,11 @@ impl Inner {
                     ),
                 )
                 .with("profile", self.profile.as_str());
-                lock(&self.state).upstream_error = Some(e.clone());
+                {
+                    let mut s = lock(&self.state);
+                    s.upstream_error = Some(e.clone());
+                    s.last_error = Some(e.message.clone());
+                }
                 self.publish();
                 return Err(e);
             }

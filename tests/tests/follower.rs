@@ -594,3 +594,39 @@ async fn short_lived_login_rotating_by_itself_is_followed() {
     assert!(done >= 6);
     assert_eq!(fake.invalid_grants(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_are_passed_on_with_the_socket() {
+    let fake = FakeOAuth::start(3600).await;
+    let up = upstream(&fake);
+    let fol = Daemon::start(&format!(
+        "[profiles.claude]\nprovider = \"anthropic\"\nauth = \"upstream\"\nupstream_socket = \"{}\"\nupstream_profile = \"nope\"\n\n[profiles.gem]\nprovider = \"gemini\"\nauth = \"upstream\"\nupstream_socket = \"{0}\"\nupstream_profile = \"claude\"\n",
+        up.socket.display()
+    ));
+    let fc = fol.client().await;
+    let e = fc.token("claude", None).await.unwrap_err();
+    let llmd_client::Error::Rpc(e) = e else {
+        panic!("{e}")
+    };
+    assert_eq!(e.kind(), llmd_proto::ErrorKind::UnknownProfile, "{e:?}");
+    assert!(
+        e.message.contains(&up.socket.display().to_string()),
+        "{}",
+        e.message
+    );
+    // The upstream is an anthropic profile; a gemini follower would speak the wrong API.
+    let e = fc.token("gem", None).await.unwrap_err().to_string();
+    assert!(e.contains("upstream profile is `anthropic`"), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = fc.status().await.unwrap();
+        let p = st.profiles.iter().find(|p| p.name == "claude").unwrap();
+        if p.last_error.is_some() {
+            assert_eq!(p.state.to_string(), "error");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fake.refresh_calls(), 0);
+}
