@@ -591,7 +591,8 @@ async fn short_lived_login_rotating_by_itself_is_followed() {
         calls == done || calls == done + 1,
         "{calls} calls, {done} refreshes"
     );
-    assert!(done >= 6);
+    // The first rotation the follower saw may be the login read from file.
+    assert!(done >= 5, "{done} refreshes");
     assert_eq!(fake.invalid_grants(), 0);
 }
 
