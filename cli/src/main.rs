@@ -920,6 +920,9 @@ fn traffic_text(p: &ProfileStatus) -> String {
 
 /// `env ANTHROPIC_API_KEY`, `stored`, `file PATH`, `bundle PATH`, `Claude Code PATH`.
 fn source_text(p: &ProfileStatus) -> String {
+    if let Some(u) = &p.upstream {
+        return format!("upstream {} ({}, {})", u.socket, u.profile, u.connection);
+    }
     let Some(s) = &p.source else {
         return "-".into();
     };
@@ -1006,6 +1009,7 @@ mod tests {
             source: None,
             base_url: None,
             default_model: None,
+            upstream: None,
         }
     }
 

@@ -195,7 +195,10 @@ impl Retries {
         let overloaded = f.status == 429 || f.status == 529 || f.overload_event;
         if f.status == 401
             && !self.refreshed
-            && matches!(profile.config.auth, AuthKind::Oauth | AuthKind::ClaudeCli)
+            && matches!(
+                profile.config.auth,
+                AuthKind::Oauth | AuthKind::ClaudeCli | AuthKind::Upstream
+            )
         {
             tracing::info!(profile = %profile.name, "provider answered 401; forcing a refresh and retrying once");
             self.refreshed = true;

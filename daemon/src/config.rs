@@ -69,6 +69,8 @@ pub struct DaemonConfig {
     pub max_tools: usize,
     /// Largest accepted tool definition (its JSON), in bytes.
     pub max_tool_bytes: usize,
+    /// Other uids admitted to the socket with the agent methods only (see `access.rs`).
+    pub allow_uids: Vec<u32>,
 }
 
 impl Default for DaemonConfig {
@@ -86,6 +88,7 @@ impl Default for DaemonConfig {
             shutdown_grace_secs: 10,
             max_tools: 256,
             max_tool_bytes: 32 * 1024,
+            allow_uids: Vec::new(),
         }
     }
 }
@@ -153,6 +156,8 @@ pub enum AuthKind {
     Oauth,
     /// Claude Code's own login in `.credentials.json`.
     ClaudeCli,
+    /// The tokens of a profile of another llmd, reached through `upstream_socket`.
+    Upstream,
 }
 
 impl AuthKind {
@@ -163,6 +168,7 @@ impl AuthKind {
             AuthKind::SetupToken => "setup-token",
             AuthKind::Oauth => "oauth",
             AuthKind::ClaudeCli => "claude-cli",
+            AuthKind::Upstream => "upstream",
         }
     }
 
@@ -224,6 +230,13 @@ pub struct ProfileConfig {
     /// Provider call timeouts (`[profiles.NAME.timeouts]`).
     #[serde(default)]
     pub timeouts: TimeoutConfig,
+    /// `auth = "upstream"`: the upstream llmd's socket.
+    pub upstream_socket: Option<PathBuf>,
+    /// `auth = "upstream"`: the upstream profile (default: this profile's name).
+    pub upstream_profile: Option<String>,
+    /// `auth = "upstream"`: a Claude Code config folder whose `.credentials.json` mirrors
+    /// the upstream login.
+    pub mirror_claude_config_dir: Option<PathBuf>,
 }
 
 /// `[profiles.NAME.timeouts]`: how long one provider call may take at each stage. A call
@@ -287,6 +300,9 @@ impl ProfileConfig {
             rate_limit: None,
             gateway: false,
             timeouts: TimeoutConfig::default(),
+            upstream_socket: None,
+            upstream_profile: None,
+            mirror_claude_config_dir: None,
         }
     }
 }
@@ -429,6 +445,12 @@ fn expand_paths(cfg: &mut Config) -> Result<(), Invalid> {
         one(Some(name), "api_key_file", &mut p.api_key_file)?;
         one(Some(name), "bundle", &mut p.bundle)?;
         one(Some(name), "claude_config_dir", &mut p.claude_config_dir)?;
+        one(Some(name), "upstream_socket", &mut p.upstream_socket)?;
+        one(
+            Some(name),
+            "mirror_claude_config_dir",
+            &mut p.mirror_claude_config_dir,
+        )?;
     }
     Ok(())
 }
@@ -490,9 +512,10 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
                 AuthKind::SetupToken,
                 AuthKind::Oauth,
                 AuthKind::ClaudeCli,
+                AuthKind::Upstream,
             ],
-            Provider::Minimax => &[AuthKind::ApiKey, AuthKind::Oauth],
-            Provider::OpenaiCompat | Provider::Gemini => &[AuthKind::ApiKey],
+            Provider::Minimax => &[AuthKind::ApiKey, AuthKind::Oauth, AuthKind::Upstream],
+            Provider::OpenaiCompat | Provider::Gemini => &[AuthKind::ApiKey, AuthKind::Upstream],
         };
         if !allowed.contains(&p.auth) {
             let list: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
@@ -555,6 +578,7 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
                 "only `auth = \"claude-cli\"` profiles use it".into(),
             );
         }
+        validate_upstream(p).map_err(|(key, msg)| (Some(name.clone()), key, msg))?;
         for (key, url) in [
             ("base_url", &p.base_url),
             ("token_endpoint", &p.token_endpoint),
@@ -581,6 +605,43 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
                     format!("value of `{k}` contains a line break"),
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// The follower keys (DESIGN.md, "Followers").
+fn validate_upstream(p: &ProfileConfig) -> Result<(), (&'static str, String)> {
+    if p.auth == AuthKind::Upstream {
+        if p.upstream_socket.is_none() {
+            return Err((
+                "auth",
+                "`auth = \"upstream\"` needs `upstream_socket = \"PATH\"`".into(),
+            ));
+        }
+        if let Some(n) = &p.upstream_profile {
+            if n.is_empty() || n.len() > 256 {
+                return Err(("upstream_profile", "must be a profile name".into()));
+            }
+        }
+        if p.mirror_claude_config_dir.is_some() && p.provider != Provider::Anthropic {
+            return Err((
+                "mirror_claude_config_dir",
+                "only anthropic profiles can be mirrored into Claude Code".into(),
+            ));
+        }
+        return Ok(());
+    }
+    for (key, set) in [
+        ("upstream_socket", p.upstream_socket.is_some()),
+        ("upstream_profile", p.upstream_profile.is_some()),
+        (
+            "mirror_claude_config_dir",
+            p.mirror_claude_config_dir.is_some(),
+        ),
+    ] {
+        if set {
+            return Err((key, "only `auth = \"upstream\"` profiles use it".into()));
         }
     }
     Ok(())
@@ -802,6 +863,28 @@ base_url = "https://api.deepseek.com/v1"
             p("[profiles.c]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\ngateway = true\n")
                 .unwrap();
         assert!(cfg.profiles["c"].gateway);
+    }
+
+    #[test]
+    fn follower_keys_are_checked() {
+        let cfg = p("[daemon]\nallow_uids = [2000]\n\n[profiles.f]\nprovider = \"anthropic\"\nauth = \"upstream\"\nupstream_socket = \"~/llmd-host.sock\"\nmirror_claude_config_dir = \"~/.claude\"\n")
+            .unwrap();
+        let f = &cfg.profiles["f"];
+        assert!(f.upstream_socket.as_ref().unwrap().is_absolute());
+        assert!(f.mirror_claude_config_dir.as_ref().unwrap().is_absolute());
+        assert_eq!(cfg.daemon.allow_uids, vec![2000]);
+        let e = p("[profiles.f]\nprovider = \"anthropic\"\nauth = \"upstream\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("upstream_socket"), "{e}");
+        let e = p("[profiles.k]\nprovider = \"anthropic\"\nauth = \"api-key\"\nupstream_socket = \"/s\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("profiles.k.upstream_socket"), "{e}");
+        let e = p("[profiles.g]\nprovider = \"gemini\"\nauth = \"upstream\"\nupstream_socket = \"/s\"\nmirror_claude_config_dir = \"/m\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("mirror_claude_config_dir"), "{e}");
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! use the shared [`state::Daemon`]. Credentials live in [`credentials`] (one module per
 //! auth kind), token endpoints in [`oauth`], and the refresh rules in [`refresh`] alone.
 
+pub mod access;
 pub mod chat;
 pub mod config;
 pub mod credentials;
+pub mod follower;
 pub mod fsutil;
 pub mod gateway;
 pub mod handlers;

@@ -34,6 +34,8 @@ pub enum Credential {
     Static(Result<Secret, credentials::KeyError>),
     /// An OAuth login with its refresh task.
     Login(LoginHandle),
+    /// A profile of another llmd (`auth = "upstream"`).
+    Follower(crate::follower::Follower),
 }
 
 /// One configured profile.
@@ -95,6 +97,18 @@ impl Profile {
         logins: &mut Vec<(LoginKey, LoginHandle)>,
     ) -> Profile {
         let credential = match cfg.auth {
+            AuthKind::Upstream => {
+                Credential::Follower(crate::follower::Follower::spawn(crate::follower::Spec {
+                    profile: name.to_owned(),
+                    socket: cfg.upstream_socket.clone().unwrap_or_default(),
+                    upstream_profile: cfg
+                        .upstream_profile
+                        .clone()
+                        .unwrap_or_else(|| name.to_owned()),
+                    mirror: cfg.mirror_claude_config_dir.clone(),
+                    events: env.events.clone(),
+                }))
+            }
             AuthKind::ApiKey => Credential::Static(api_key::load(name, cfg, env.state_dir)),
             AuthKind::SetupToken => Credential::Static(load_setup_token(name, cfg, env.state_dir)),
             AuthKind::Oauth | AuthKind::ClaudeCli => {
@@ -165,6 +179,10 @@ impl Profile {
         min_valid: u64,
         force: Force,
     ) -> Result<Box<RawValue>, RpcError> {
+        if let Credential::Follower(f) = &self.credential {
+            let c = self.follow(f, min_valid, &force).await?;
+            return crate::handlers::ok(&self.follower_answer(c));
+        }
         let (token, expires_at) = self.secret(min_valid, force).await?;
         let answer = self.answer(&token, expires_at)?;
         RawValue::from_string(answer.json.to_string())
@@ -183,6 +201,8 @@ impl Profile {
                 let (t, e) = snap.valid_token(min_valid)?;
                 Some(self.answer(t, e))
             }
+            // A follower's answer comes from its upstream: the slow path.
+            Credential::Follower(_) => None,
         }
     }
 
@@ -192,8 +212,15 @@ impl Profile {
                 return Ok(a.clone());
             }
         }
-        let json = serde_json::to_string(&self.answer_for(token, expires_at))
-            .map_err(|e| RpcError::internal(e.to_string()))?;
+        let mut answer = self.answer_for(token, expires_at);
+        if let Credential::Login(h) = &self.credential {
+            // What a follower's mirror needs, where the login records it.
+            answer.scopes = h.snapshot().scopes.clone();
+            if self.config.auth == AuthKind::ClaudeCli {
+                answer.subscription_type = subscription_type(&config::claude_dir(&self.config));
+            }
+        }
+        let json = serde_json::to_string(&answer).map_err(|e| RpcError::internal(e.to_string()))?;
         let a = Arc::new(Answer {
             token: token.clone(),
             expires_at,
@@ -214,6 +241,10 @@ impl Profile {
 
     /// A token valid for `min_valid` seconds, with the headers the provider needs.
     pub async fn token(&self, min_valid: u64, force: Force) -> Result<TokenResult, RpcError> {
+        if let Credential::Follower(f) = &self.credential {
+            let c = self.follow(f, min_valid, &force).await?;
+            return Ok(self.follower_answer(c));
+        }
         let (token, expires_at) = self.secret(min_valid, force).await?;
         Ok(self.answer_for(&token, expires_at))
     }
@@ -225,6 +256,48 @@ impl Profile {
             headers: self.headers(token.expose()),
             token: token.expose().to_owned(),
             expires_at,
+            provider: Some(self.config.provider.as_str().to_owned()),
+            scopes: Vec::new(),
+            subscription_type: None,
+        }
+    }
+
+    /// A follower's token, refused when the upstream serves another provider than the
+    /// profile is configured for (its chat would speak the wrong API).
+    async fn follow(
+        &self,
+        f: &crate::follower::Follower,
+        min_valid: u64,
+        force: &Force,
+    ) -> Result<crate::follower::Current, RpcError> {
+        let stale = match force {
+            Force::IfStale { used } => Some(used),
+            _ => None,
+        };
+        let c = f.token(min_valid, stale).await?;
+        match c.provider.as_deref() {
+            Some(p) if p != self.config.provider.as_str() => Err(RpcError::new(
+                ErrorKind::MissingCredential,
+                format!(
+                    "profile `{}` is configured as provider `{}`, but its upstream profile is `{p}`; set `provider = \"{p}\"`",
+                    self.name, self.config.provider
+                ),
+            )
+            .with("profile", self.name.as_str())),
+            _ => Ok(c),
+        }
+    }
+
+    fn follower_answer(&self, c: crate::follower::Current) -> TokenResult {
+        TokenResult {
+            profile: self.name.clone(),
+            kind: c.kind,
+            token: c.token.expose().to_owned(),
+            expires_at: c.expires_at,
+            headers: c.headers,
+            provider: c.provider,
+            scopes: c.scopes,
+            subscription_type: c.subscription_type,
         }
     }
 
@@ -237,11 +310,18 @@ impl Profile {
             Credential::Static(Ok(k)) => (k.clone(), None),
             Credential::Static(Err(why)) => return Err(self.missing(why)),
             Credential::Login(h) => h.token(min_valid, force).await?,
+            Credential::Follower(f) => {
+                let c = self.follow(f, min_valid, &force).await?;
+                (c.token, c.expires_at)
+            }
         })
     }
 
     /// Headers for a request with `token`.
     pub fn headers(&self, token: &str) -> BTreeMap<String, String> {
+        if let Credential::Follower(f) = &self.credential {
+            return f.headers(token);
+        }
         credentials::auth_headers(
             self.config.provider,
             self.config.auth,
@@ -266,6 +346,7 @@ impl Profile {
             source: None,
             base_url: Some(self.base_url().to_owned()),
             default_model: self.config.default_model.clone(),
+            upstream: None,
         };
         match &self.credential {
             Credential::Static(Ok(_)) => {}
@@ -280,6 +361,15 @@ impl Profile {
                 s.last_refresh_at = snap.last_refresh_at;
                 s.refresh_count = snap.refresh_count;
                 s.last_error = snap.last_error.clone();
+            }
+            Credential::Follower(f) => {
+                let (state, expires_at, last, count, error, upstream) = f.status();
+                s.state = state;
+                s.expires_at = expires_at;
+                s.last_refresh_at = last;
+                s.refresh_count = count;
+                s.last_error = error;
+                s.upstream = Some(upstream);
             }
         }
         let l = self.limiter.status();
@@ -305,7 +395,7 @@ impl Profile {
     pub fn login(&self) -> Option<&LoginHandle> {
         match &self.credential {
             Credential::Login(h) => Some(h),
-            Credential::Static(_) => None,
+            Credential::Static(_) | Credential::Follower(_) => None,
         }
     }
 
@@ -369,6 +459,16 @@ pub fn credential_source(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> C
             };
             vec![file(kind, &login_source(name, cfg, state_dir).0.path())]
         }
+        AuthKind::Upstream => {
+            // A socket, not a file: present when something is there (a forward may be down).
+            let path = cfg.upstream_socket.as_deref().unwrap_or(Path::new(""));
+            vec![CredentialSource {
+                kind: "upstream".into(),
+                location: path.display().to_string(),
+                present: std::fs::symlink_metadata(path).is_ok(),
+                ..Default::default()
+            }]
+        }
     };
     let win = candidates.iter().position(|c| c.present).unwrap_or(
         // Nothing is present: name the source the user is most likely to fill.
@@ -382,6 +482,19 @@ pub fn credential_source(name: &str, cfg: &ProfileConfig, state_dir: &Path) -> C
     let mut chosen = candidates.swap_remove(win);
     chosen.shadowed = shadowed;
     chosen
+}
+
+/// `subscriptionType` of a Claude Code login file, for the `token` answer a follower mirrors.
+fn subscription_type(dir: &Path) -> Option<String> {
+    let path = CredentialsFile::in_dir(dir).path;
+    let bytes = crate::fsutil::read_regular_capped(&path).ok()??;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(
+        v.get("claudeAiOauth")?
+            .get("subscriptionType")?
+            .as_str()?
+            .to_owned(),
+    )
 }
 
 fn load_setup_token(

@@ -83,6 +83,8 @@ pub struct Snapshot {
     pub refresh_count: u64,
     /// Last error, free of secrets.
     pub last_error: Option<String>,
+    /// Scopes recorded with the current tokens (for the `token` answer a follower mirrors).
+    pub scopes: Vec<String>,
 }
 
 /// Seconds a token expiring at `expires_at` stays valid (very large when it never does).
@@ -225,6 +227,7 @@ impl LoginHandle {
             last_refresh_at: None,
             refresh_count: 0,
             last_error: None,
+            scopes: Vec::new(),
         });
         let (ctx, crx) = mpsc::unbounded_channel();
         let owner = owner_of(&spec.source);
@@ -1056,6 +1059,7 @@ impl LoginTask {
             last_refresh_at: self.last_refresh_at,
             refresh_count: self.refresh_count,
             last_error: self.last_error.clone(),
+            scopes: t.map(|t| t.scopes.clone()).unwrap_or_default(),
         });
         // `refreshing` is too short-lived to be worth an event.
         let visible = (state, self.last_error.clone());

@@ -130,6 +130,23 @@ pub struct ProfileStatus {
     /// The model used when a request names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_model: Option<String>,
+    /// For `auth = "upstream"` profiles: the upstream llmd it follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamStatus>,
+}
+
+/// Where a follower profile gets its tokens, and whether it reaches it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    /// The upstream llmd's socket.
+    #[serde(default)]
+    pub socket: String,
+    /// The upstream profile followed.
+    #[serde(default)]
+    pub profile: String,
+    /// `connected`, `connecting` or `disconnected`.
+    #[serde(default)]
+    pub connection: String,
 }
 
 /// Where a profile's credential comes from. Precedence (first present wins): for api-key
@@ -267,6 +284,15 @@ pub struct TokenResult {
     pub expires_at: Option<i64>,
     /// Exactly the headers a request to the provider needs.
     pub headers: BTreeMap<String, String>,
+    /// Provider of the profile (`anthropic`, …), so a follower llmd can mirror it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// OAuth scopes of the login, when it records them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Claude subscription type (`pro`, `max`, …), when the login records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_type: Option<String>,
 }
 
 impl fmt::Debug for TokenResult {
@@ -422,6 +448,9 @@ mod tests {
             token: "sk-secret".into(),
             expires_at: None,
             headers: [("x-api-key".to_string(), "sk-secret".to_string())].into(),
+            provider: None,
+            scopes: Vec::new(),
+            subscription_type: None,
         };
         assert!(!format!("{t:?}").contains("sk-secret"));
         let c = CredentialsSetParams {

@@ -150,6 +150,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not isinstance(body, dict) or body.get("grant_type") != "refresh_token":
                 self.reply(400, {"error": "unsupported_grant_type"})
                 return
+            if body.get("refresh_token") in control().get("reject_refresh_tokens", []):
+                self.reply(400, {"error": "invalid_grant",
+                                 "error_description": "Refresh token not found or invalid"})
+                log({"token_refused": body.get("refresh_token")})
+                return
             with lock:
                 counter[0] += 1
                 n = counter[0]

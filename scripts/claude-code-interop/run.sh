@@ -330,4 +330,94 @@ n=$(logq "$m0" "print(sum(1 for e in token_posts() if is_llmd(e)))")
 pass "(d) the CLI rotated the login on a 401 ($(cat "$S/ua")); running llmd now serves the CLI's new token and made no refresh request"
 stop_llmd
 
+# ================================================================ (e)
+echo "== (e) a follower llmd mirrors the host's login into another Claude Code folder"
+MARKER=llmd-mirror-not-a-refresh-token
+new_home e-host $((60 * 60 * 1000))
+HOST_SENV=("${SENV[@]}")
+HOST_SOCK=$S/xdg-run/llmd/llmd.sock
+HOST_CRED=$CRED
+# The check forces two host refreshes in a row.
+sed -i '1i [daemon]\nforced_refresh_interval_secs = 0\n' "$S/xdg-config/llmd/config.toml"
+start_llmd
+HOST_PID=$LLMD_PID
+host_llmctl() { env "${HOST_SENV[@]}" "$LLMCTL_BIN" "$@"; }
+new_home e-follower $((60 * 60 * 1000))
+# The follower's Claude Code folder holds no login of its own, only other fields.
+echo '{"otherTopLevel":{"keep":"me"}}' > "$CRED"
+cat > "$S/xdg-config/llmd/config.toml" <<EOF
+[profiles.claude]
+provider = "anthropic"
+auth = "upstream"
+upstream_socket = "$HOST_SOCK"
+mirror_claude_config_dir = "$C"
+EOF
+start_llmd
+mirror_has() { # ACCESS: waits up to 10 s until the mirror holds ACCESS and the marker
+    for _ in $(seq 100); do
+        [ "$(cred "$CRED" "c.get('claudeAiOauth', {}).get('accessToken')")" = "$1" ] \
+            && [ "$(cred "$CRED" "c['claudeAiOauth'].get('refreshToken')")" = "$MARKER" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+mirror_has "$OLD_ACCESS" || fail "(e) the mirror never got the host's token: $(cat "$CRED")"
+python3 - "$CRED" <<'PY' || fail "(e) mirrored file not as expected: $(cat "$CRED")"
+import json, sys, time
+c = json.load(open(sys.argv[1])); o = c["claudeAiOauth"]
+assert o["subscriptionType"] == "max", o
+assert o["scopes"] == ["user:inference", "user:profile", "user:sessions:claude_code",
+                       "user:mcp_servers", "user:file_upload"], o
+assert 3000 < o["expiresAt"] / 1000 - time.time() <= 3600, o
+assert c["otherTopLevel"] == {"keep": "me"}, c
+PY
+m1=$(log_mark)
+run_claude
+logq "$m1" "
+msgs = messages()
+assert msgs and all(e['authorization'] == 'Bearer $OLD_ACCESS' for e in msgs), [e['authorization'] for e in msgs]
+assert not token_posts(), token_posts()" || fail "(e) claude did not use the mirrored token without refreshing (see $LOG)"
+pass "(e) claude -p hi in the follower's folder used the mirrored token and made no refresh request"
+
+host_llmctl refresh claude > /dev/null || fail "(e) host refresh failed"
+NEW_E=$(cred "$HOST_CRED" "c['claudeAiOauth']['accessToken']")
+mirror_has "$NEW_E" || fail "(e) the mirror did not follow the host's rotation: $(cat "$CRED")"
+m2=$(log_mark)
+run_claude
+logq "$m2" "
+msgs = messages()
+assert msgs and all(e['authorization'] == 'Bearer $NEW_E' for e in msgs), [e['authorization'] for e in msgs]
+assert not token_posts(), token_posts()" || fail "(e) claude did not use the rotated mirror token (see $LOG)"
+pass "(e) after a host rotation the mirror holds the new token and claude -p hi used it without refreshing"
+
+# The follower is gone and the mirrored token nears expiry: Claude Code refreshes from the
+# mirror. The token endpoint refuses the marker; the host's login is untouched.
+stop_llmd
+echo "{\"reject_refresh_tokens\": [\"$MARKER\"]}" > "$CONTROL"
+python3 - "$CRED" <<'PY'
+import json, sys, time
+c = json.load(open(sys.argv[1])); c["claudeAiOauth"]["expiresAt"] = int(time.time() * 1000) + 60000
+json.dump(c, open(sys.argv[1], "w"))
+PY
+m3=$(log_mark)
+(cd "$H" && env "${SENV[@]}" \
+    HTTPS_PROXY="http://127.0.0.1:$PORT" HTTP_PROXY="http://127.0.0.1:$PORT" NO_PROXY= \
+    NODE_EXTRA_CA_CERTS="$W/ca/ca.pem" \
+    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_TELEMETRY=1 \
+    DISABLE_AUTOUPDATER=1 DISABLE_ERROR_REPORTING=1 \
+    timeout "$CLI_TIMEOUT" "$CLAUDE_BIN" -p hi) > "$S/claude-forced.out" 2>&1 || true
+logq "$m3" "
+p = token_posts()
+assert p and all(e['body']['refresh_token'] == '$MARKER' for e in p), [e['body'].get('refresh_token') for e in p]
+print(len(p))" > "$S/forced" || fail "(e) claude did not try to refresh from the mirror (see $LOG)"
+echo '{}' > "$CONTROL"
+[ "$(cred "$HOST_CRED" "c['claudeAiOauth']['accessToken']")" = "$NEW_E" ] \
+    || fail "(e) the host's login changed"
+host_llmctl refresh claude > /dev/null || fail "(e) the host could not refresh after the mirror's attempt"
+NEW_E2=$(cred "$HOST_CRED" "c['claudeAiOauth']['accessToken']")
+start_llmd
+mirror_has "$NEW_E2" || fail "(e) the restarted follower did not repair the mirror: $(cat "$CRED")"
+pass "(e) a refresh from the mirror sent only the marker ($(cat "$S/forced") request(s), refused); the host still refreshes and the follower repairs the mirror"
+stop_llmd
+
 echo "all checks passed (Claude Code $cli_version)"

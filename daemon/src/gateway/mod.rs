@@ -241,7 +241,7 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
     };
     if matches!(
         profile.config.auth,
-        AuthKind::Oauth | AuthKind::ClaudeCli | AuthKind::SetupToken
+        AuthKind::Oauth | AuthKind::ClaudeCli | AuthKind::SetupToken | AuthKind::Upstream
     ) && !profile.config.gateway
     {
         return Err(err(

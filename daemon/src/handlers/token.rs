@@ -43,6 +43,12 @@ pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
 pub async fn refresh(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: ProfileParams = parse(params)?;
     let profile = ctx.daemon.profile(&p.profile)?;
+    if profile.config.auth == crate::config::AuthKind::Upstream {
+        return Err(llmd_proto::RpcError::invalid_params(format!(
+            "`profile`: `{}` follows another llmd (`auth = \"upstream\"`); only the upstream refreshes it",
+            p.profile
+        )));
+    }
     if profile.login().is_none() {
         // Answering with the unchanged key would read as "refreshed".
         return Err(llmd_proto::RpcError::invalid_params(format!(

@@ -41,6 +41,8 @@ pub struct Conn {
     /// Who may write to the socket now: the writer task or the reader (answers it gave at
     /// once, written without a hand-over when nothing else is being written).
     turn: Arc<Turn>,
+    /// What the peer's uid may call.
+    pub access: crate::access::Access,
 }
 
 /// One writer at a time on the socket, so lines never interleave.
@@ -188,6 +190,7 @@ pub async fn serve(
     sockets: Arc<Sockets>,
     conn_id: u64,
     stream: Stream,
+    access: crate::access::Access,
 ) {
     // `&Stream` reads and writes, so sharing it replaces splitting.
     let stream = Arc::new(stream);
@@ -206,6 +209,7 @@ pub async fn serve(
         write_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
         next_anon: std::sync::atomic::AtomicU64::new(0),
         turn: Arc::new(Turn::default()),
+        access,
     });
     let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
     let writer = tokio::spawn(write_loop(
@@ -390,6 +394,10 @@ fn dispatch(
             return;
         }
     };
+    if let Err(e) = crate::access::check(conn.access, &req.method) {
+        conn.respond(req.id.as_ref(), Err(e));
+        return;
+    }
     if req.method == names::CANCEL {
         let result = cancel(conn, req.params.as_deref());
         if req.id.is_some() {

@@ -163,7 +163,9 @@ async fn admit(
 ) {
     let euid = stream.peer_creds().ok().and_then(|c| c.euid());
     let me = current_uid();
-    if euid != Some(me) && euid != Some(0) {
+    let allow = &daemon.registry().config.daemon.allow_uids;
+    let access = crate::access::of_peer(euid, me, allow);
+    if access == crate::access::Access::None {
         tracing::warn!(peer_uid = ?euid, "refused connection from another user");
         reject(
             stream,
@@ -194,7 +196,7 @@ async fn admit(
         // Both dropped with the task, however it ends (also by a panic).
         let _slot = permit;
         let _agent = ForgetAgent(socks.clone(), id);
-        connection::serve(d, disp, socks, id, stream).await;
+        connection::serve(d, disp, socks, id, stream, access).await;
     });
 }
 
