@@ -55,7 +55,12 @@ impl FakeClaudeCode {
 
     async fn lock(&self) {
         let [a, b] = self.locks();
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "Claude Code's locks were held for 30 s"
+            );
             if std::fs::create_dir(&a).is_ok() {
                 if std::fs::create_dir(&b).is_ok() {
                     return;
@@ -154,9 +159,10 @@ async fn eight_agents_and_claude_code_share_one_login_without_invalid_grant() {
         agents.push(tokio::spawn(async move {
             let mut distinct = std::collections::HashSet::new();
             while Instant::now() < deadline {
-                let t = c
-                    .token("claude", Some(1))
+                // A daemon that stops answering fails the test instead of hanging it.
+                let t = tokio::time::timeout(Duration::from_secs(10), c.token("claude", Some(1)))
                     .await
+                    .expect("the daemon stopped answering")
                     .expect("an agent never sees an error");
                 assert!(t.expires_at.unwrap() >= now(), "served an expired token");
                 distinct.insert(t.token);
