@@ -130,6 +130,62 @@ async fn stalls_after_the_headers_hit_the_idle_and_total_timeouts() {
     assert_eq!(in_flight(&s), 0, "{s}");
 }
 
+/// The same stall through the HTTP gateway, after the answer has started: the body is cut
+/// once the provider was silent for `stream_idle_secs`, and the profile's only slot is free
+/// again (it was held until the client gave up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_mid_answer_through_the_gateway_cuts_it_and_frees_the_slot() {
+    let stub = Stub::start(|_, _| {
+        vec![
+            stub::head(200, "text/event-stream"),
+            Act::Send(stub::anthropic_start().into_bytes()),
+            Act::Send(stub::anthropic_delta("partial").into_bytes()),
+            Act::Stall,
+        ]
+    })
+    .await;
+    let d = stub_daemon(&stub.base, "[gateway]\nlisten = \"127.0.0.1:0\"\n");
+    let c = d.client().await;
+    let k: llmd_proto::methods::GatewayKeyResult = c
+        .call(
+            "gateway.key",
+            &llmd_proto::methods::GatewayKeyParams::default(),
+        )
+        .await
+        .expect("gateway.key");
+    let base = k.base_url.expect("the gateway listens on TCP");
+    let mut resp = reqwest::Client::new()
+        .post(format!("{base}/p/stub/v1/messages"))
+        .header("x-api-key", &k.key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "m", "max_tokens": 10, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(b)) => got.extend_from_slice(&b),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stalled answer was cut within the deadline");
+    assert!(end.is_err(), "a cut answer must not look complete");
+    assert!(String::from_utf8_lossy(&got).contains("partial"));
+    let s = Raw::connect(&d.socket)
+        .await
+        .call(1, "status", json!({}))
+        .await;
+    assert_eq!(in_flight(&s), 0, "{s}");
+    assert!(d.logs().contains("went silent mid-answer"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_provider_error_names_host_and_cause() {
     // A port that was just free: nothing listens there.

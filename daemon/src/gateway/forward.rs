@@ -19,6 +19,7 @@ use bytes::BytesMut;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use llmd_proto::{ErrorKind, RpcError};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -212,12 +213,16 @@ pub async fn forward(
 ) -> Response {
     let estimate = estimate(&body);
     let mut retries = Retries::default();
-    // The profile's provider timeouts, as for `chat`: connect, first byte, and the silence
-    // before the first chunk. (Later chunks are passed through as they come.)
+    // The profile's provider timeouts, as for `chat`: connect, first byte, and the longest
+    // silence before the first chunk and between chunks after it.
     let timeouts = providers::Timeouts::from(&profile.config.timeouts);
     let http = match gw.daemon.provider_http.get(timeouts.connect) {
         Ok(h) => h,
         Err(e) => return rpc_error(shape, crate::chat::to_rpc(e, &[])),
+    };
+    let idle = Idle {
+        after: timeouts.stream_idle,
+        profile: profile.name.clone(),
     };
     let timed_out = |what: &str, after: std::time::Duration| {
         GatewayError::new(
@@ -273,9 +278,9 @@ pub async fn forward(
                             Some(first),
                         ),
                         Some(Ok(first)) => {
-                            return answer(status, &headers, body, Some(first), permit)
+                            return answer(status, &headers, body, Some(first), permit, idle)
                         }
-                        None => return answer(status, &headers, body, None, permit),
+                        None => return answer(status, &headers, body, None, permit, idle),
                         Some(Err(_)) => (
                             Failure {
                                 network: true,
@@ -293,7 +298,7 @@ pub async fn forward(
                             continue;
                         }
                         // Out of retries: the client gets what the provider sent.
-                        None => return answer(status, &headers, body, first, permit),
+                        None => return answer(status, &headers, body, first, permit, idle),
                     }
                 }
                 let headers = resp.headers().clone();
@@ -363,6 +368,12 @@ fn opens_with_overload(first: &[u8]) -> bool {
         })
 }
 
+/// The longest silence of the provider once an answer has started (`stream_idle_secs`).
+struct Idle {
+    after: std::time::Duration,
+    profile: String,
+}
+
 /// A successful answer goes through as it arrives (an SSE stream event by event, any
 /// other body chunk by chunk), read on the way for its usage, which settles the permit.
 fn answer(
@@ -371,6 +382,7 @@ fn answer(
     inner: BoxStream<'static, reqwest::Result<Bytes>>,
     first: Option<Bytes>,
     permit: Permit,
+    idle: Idle,
 ) -> Response {
     let sse = headers
         .get(header::CONTENT_TYPE)
@@ -387,6 +399,8 @@ fn answer(
         permit: Some(permit),
         held: None,
         first,
+        silence: Box::pin(tokio::time::sleep(idle.after)),
+        idle,
     };
     pass_back(status, headers, Body::from_stream(pass))
 }
@@ -473,6 +487,11 @@ struct Pass {
     held: Option<Held>,
     /// The chunk read before the answer started, sent first.
     first: Option<Bytes>,
+    /// Fires when the provider has been silent for `idle.after`: the answer then ends with
+    /// an error (the client sees a cut body) and the slot is given back, instead of both
+    /// being held by a stalled provider for good.
+    silence: Pin<Box<tokio::time::Sleep>>,
+    idle: Idle,
 }
 
 impl Pass {
@@ -513,7 +532,11 @@ impl Stream for Pass {
             None => self.inner.poll_next_unpin(cx),
         };
         let first = match first {
-            Poll::Ready(Some(Ok(b))) => b,
+            Poll::Ready(Some(Ok(b))) => {
+                let next = tokio::time::Instant::now() + self.idle.after;
+                self.silence.as_mut().reset(next);
+                b
+            }
             Poll::Ready(Some(Err(e))) => {
                 self.settle(false);
                 return Poll::Ready(Some(Err(io(e))));
@@ -522,7 +545,21 @@ impl Stream for Pass {
                 self.settle(true);
                 return Poll::Ready(None);
             }
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if self.silence.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                tracing::warn!(profile = %self.idle.profile, after_secs = self.idle.after.as_secs(), "the provider went silent mid-answer; the gateway answer is cut");
+                self.settle(false);
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the provider sent nothing for {}s (stream_idle_secs of profile `{}`)",
+                        self.idle.after.as_secs(),
+                        self.idle.profile
+                    ),
+                ))));
+            }
         };
         self.reader.feed(&first);
         // Chunks that are already here go out as one: a burst of events costs one write
