@@ -46,7 +46,7 @@ pub struct TokenCache {
     inner: Arc<Handle>,
 }
 
-/// Dropped with the last clone of the cache: drops the in-flight fetches, which hold the
+/// Dropped with the last clone of the cache: stops the in-flight fetches, which hold the
 /// cache themselves.
 struct Handle(Arc<Inner>);
 
@@ -54,6 +54,12 @@ impl Drop for Handle {
     fn drop(&mut self) {
         let mut st = lock(&self.0.state);
         st.sub = None;
+        // Nobody waits on them any more (a caller holds a clone of the cache).
+        for e in st.entries.values() {
+            if let Some(t) = &e.task {
+                t.abort();
+            }
+        }
         st.drop_all();
     }
 }
@@ -87,6 +93,8 @@ struct Entry {
     gen: u64,
     token: Option<Arc<TokenResult>>,
     fetch: Option<Fetch>,
+    /// The task running `fetch`, stopped when the cache goes.
+    task: Option<tokio::task::AbortHandle>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,6 +182,7 @@ impl TokenCache {
                         gen: *counter,
                         token: None,
                         fetch: None,
+                        task: None,
                     }
                 });
                 if let Some(t) = &entry.token {
@@ -185,9 +194,25 @@ impl TokenCache {
                 match &entry.fetch {
                     Some(f) => f.clone(),
                     None => {
-                        let f = fetch(Arc::clone(&self.inner), profile.to_owned(), entry.gen)
-                            .boxed()
-                            .shared();
+                        // The fetch runs as its own task, not as a future polled by whoever
+                        // waits: a caller that gives up (a timeout, an aborted task) must
+                        // not leave it parked while it holds `subscribing`, which every
+                        // other profile's miss needs.
+                        let task = tokio::spawn(fetch(
+                            Arc::clone(&self.inner),
+                            profile.to_owned(),
+                            entry.gen,
+                        ));
+                        entry.task = Some(task.abort_handle());
+                        let f = async move {
+                            task.await.unwrap_or_else(|_| {
+                                Err(Arc::new(Error::Protocol(
+                                    "the token request was stopped".into(),
+                                )))
+                            })
+                        }
+                        .boxed()
+                        .shared();
                         entry.fetch = Some(f.clone());
                         f
                     }
@@ -231,6 +256,7 @@ async fn fetch(inner: Arc<Inner>, profile: String, gen: u64) -> FetchResult {
         return Ok(None);
     }
     entry.fetch = None;
+    entry.task = None;
     match answer {
         Ok(t) => {
             let t = Arc::new(t);

@@ -52,6 +52,8 @@ struct Seen {
     events: AtomicU64,
     /// While set, `token` answers are held back instead of forwarded.
     hold: AtomicBool,
+    /// While set, empty results (the answer to `subscribe`) are held back.
+    hold_empty: AtomicBool,
     held: Mutex<Vec<String>>,
     /// Lines to send to the client on the next `release`, as if the daemon had sent them.
     inject: Mutex<Vec<String>>,
@@ -131,7 +133,10 @@ async fn relay(client: UnixStream, upstream: UnixStream, seen: Arc<Seen>) {
             line = lines.next_line() => {
                 let Ok(Some(line)) = line else { break };
                 let is_token_answer = line.contains("\"result\"") && line.contains("\"token\":\"");
-                if is_token_answer && seen.hold.load(Ordering::SeqCst) {
+                let is_empty_answer = line.contains("\"result\":{}");
+                if (is_token_answer && seen.hold.load(Ordering::SeqCst))
+                    || (is_empty_answer && seen.hold_empty.load(Ordering::SeqCst))
+                {
                     seen.held.lock().unwrap().push(line);
                     seen.changed.notify_waiters();
                     continue;
@@ -384,4 +389,32 @@ async fn lost_events_drop_every_cached_token() {
     .expect("events.lost drops every cached token");
     assert_eq!(cache.token("work").await.unwrap().token, access_of(0));
     assert_eq!(relay.seen.token_requests.load(Ordering::SeqCst), 3);
+}
+
+/// A caller that gives up while the cache is subscribing (its own timeout) must not leave
+/// the subscription half done for everyone: the fetch it started goes on by itself, and
+/// other profiles' misses are answered. (It was a future only its callers polled, parked
+/// holding the subscribe lock, and every later miss of any profile waited on it for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_while_subscribing_blocks_nobody() {
+    let fake = FakeOAuth::start(3600).await;
+    let d = daemon(&fake, &bundle(&access_of(0), &refresh_of(0), now() + 3600));
+    let relay = Relay::start(&d.socket);
+    let cache = relay.client().await.token_cache(60);
+    relay.seen.hold_empty.store(true, Ordering::SeqCst);
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), cache.token("work")).await;
+    assert!(gave_up.is_err(), "the subscribe answer was held back");
+    assert_eq!(relay.seen.held.lock().unwrap().len(), 1);
+    relay.seen.hold_empty.store(false, Ordering::SeqCst);
+    relay.seen.release.notify_one();
+    let key = tokio::time::timeout(WAIT, cache.token("key"))
+        .await
+        .expect("another profile's miss is answered")
+        .unwrap();
+    assert_eq!(key.token, "sk-ant-api03-cache-env");
+    let work = tokio::time::timeout(WAIT, cache.token("work"))
+        .await
+        .expect("the abandoned profile is answered too")
+        .unwrap();
+    assert_eq!(work.token, access_of(0));
 }
