@@ -197,12 +197,19 @@ impl Profile {
             Credential::Static(Ok(k)) => Some(self.answer(k, None, Vec::new)),
             Credential::Static(Err(why)) => Some(Err(self.missing(why))),
             Credential::Login(h) => {
-                // The snapshot is a read guard on the login's `watch`: it must not be taken
-                // twice at once (a waiting write blocks the second read: a deadlock), so
-                // the scopes come from this guard.
-                let snap = h.snapshot();
-                let (t, e) = snap.valid_token(min_valid)?;
-                Some(self.answer(t, e, || snap.scopes.clone()))
+                // The snapshot is a read guard on the login's `watch`, which blocks the
+                // login task's next publish: held only to compare with the shared answer.
+                // A new token is copied out and the answer built without it (that build
+                // reads Claude Code's file); a second borrow under it would deadlock.
+                let (token, e, scopes) = {
+                    let snap = h.snapshot();
+                    let (t, e) = snap.valid_token(min_valid)?;
+                    if let Some(a) = self.shared_answer(t, e) {
+                        return Some(Ok(a));
+                    }
+                    (t.clone(), e, snap.scopes.clone())
+                };
+                Some(self.answer(&token, e, || scopes))
             }
             // A follower's answer comes from its upstream: the slow path.
             Credential::Follower(_) => None,
@@ -217,10 +224,8 @@ impl Profile {
         expires_at: Option<i64>,
         scopes: impl FnOnce() -> Vec<String>,
     ) -> Result<Arc<Answer>, RpcError> {
-        if let Some(a) = self.answer.load().as_ref() {
-            if a.token == *token && a.expires_at == expires_at {
-                return Ok(a.clone());
-            }
+        if let Some(a) = self.shared_answer(token, expires_at) {
+            return Ok(a);
         }
         let mut answer = self.answer_for(token, expires_at);
         if let Credential::Login(_) = &self.credential {
@@ -237,6 +242,13 @@ impl Profile {
         });
         self.answer.store(Some(a.clone()));
         Ok(a)
+    }
+
+    /// The answer already built for this token, if it is the current one.
+    fn shared_answer(&self, token: &Secret, expires_at: Option<i64>) -> Option<Arc<Answer>> {
+        let a = self.answer.load();
+        let a = a.as_ref()?;
+        (a.token == *token && a.expires_at == expires_at).then(|| a.clone())
     }
 
     /// The login's scopes (none for other credentials); takes the snapshot briefly.

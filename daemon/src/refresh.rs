@@ -45,6 +45,10 @@ const DEMAND_MIN_INTERVAL: Duration = Duration::from_secs(60);
 const STALE_TOKEN_AGE: Duration = Duration::from_secs(60);
 /// How often a refreshed token pair that could not be written is written again.
 const PERSIST_RETRY: Duration = Duration::from_secs(5);
+/// Longest wait of a caller for the login task's answer: past the endpoint's hard limit and
+/// a wait for Claude Code's locks, a task that still says nothing is stuck, and the caller
+/// gets an error rather than waiting with it for good.
+const ANSWER_WAIT: Duration = Duration::from_secs(240);
 /// `min_valid_secs` above this is treated as this (ten years), so arithmetic cannot wrap.
 const MAX_MIN_VALID: u64 = 10 * 365 * 86_400;
 /// Spent refresh tokens remembered per login.
@@ -299,8 +303,16 @@ impl LoginHandle {
         self.commands
             .send(cmd)
             .map_err(|_| RpcError::internal("login task stopped"))?;
-        rx.await
-            .map_err(|_| RpcError::internal("login task stopped"))?
+        match tokio::time::timeout(ANSWER_WAIT, rx).await {
+            Ok(answer) => answer.map_err(|_| RpcError::internal("login task stopped"))?,
+            Err(_) => Err(RpcError::new(
+                ErrorKind::RefreshFailed,
+                format!(
+                    "the login task gave no answer within {} s",
+                    ANSWER_WAIT.as_secs()
+                ),
+            )),
+        }
     }
 
     /// Hands a new login to the task, which writes it (under Claude Code's locks for a
@@ -1538,5 +1550,35 @@ mod tests {
             "no secret-bearing temp file left"
         );
         assert_eq!(crate::fsutil::mode_of(&source.path()), Some(0o600));
+    }
+
+    /// A caller never waits for good on a login task that cannot answer (here: it waits
+    /// for the ownership lock of its file, held elsewhere): it gets `refresh_failed`.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_login_task_answers_its_callers_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Source::Bundle(BundleFile {
+            path: dir.path().join("stuck.json"),
+        });
+        source.write(&tokens(0, 3600), Allow::Any).unwrap();
+        let held = owner_of(&source).lock_owned().await;
+        let (tx, _calls) = mpsc::unbounded_channel();
+        let endpoint = Arc::new(Gate {
+            calls: tx,
+            count: Arc::new(AtomicU64::new(0)),
+        });
+        let (bus, _) = broadcast::channel(64);
+        let handle = LoginHandle::spawn(LoginSpec {
+            profile: "stuck".into(),
+            source: source.clone(),
+            settings: settings(endpoint, 30),
+            events: bus,
+        });
+        let e = tokio::time::timeout(ANSWER_WAIT * 2, handle.token(7200, Force::No))
+            .await
+            .expect("the caller got an answer")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::RefreshFailed, "{e:?}");
+        drop(held);
     }
 }

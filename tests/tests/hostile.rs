@@ -130,6 +130,59 @@ async fn stalls_after_the_headers_hit_the_idle_and_total_timeouts() {
     assert_eq!(in_flight(&s), 0, "{s}");
 }
 
+const GATEWAY: &str = "[gateway]\nlisten = \"127.0.0.1:0\"\n";
+
+/// One Messages request to profile `stub` through the daemon's gateway.
+async fn gateway_post(d: &Daemon, stream: bool) -> reqwest::Response {
+    let k: llmd_proto::methods::GatewayKeyResult = d
+        .client()
+        .await
+        .call(
+            "gateway.key",
+            &llmd_proto::methods::GatewayKeyParams::default(),
+        )
+        .await
+        .expect("gateway.key");
+    let base = k.base_url.expect("the gateway listens on TCP");
+    reqwest::Client::new()
+        .post(format!("{base}/p/stub/v1/messages"))
+        .header("x-api-key", &k.key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "m", "max_tokens": 10, "stream": stream,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("the gateway answers")
+}
+
+/// An error answer whose body stalls, through the gateway: what came is passed back once
+/// the provider was silent for `stream_idle_secs`, and the slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_error_body_through_the_gateway_is_cut() {
+    let stub = Stub::start(|_, _| {
+        vec![
+            Act::Send(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"type\":\"error\""
+                    .to_vec(),
+            ),
+            Act::Stall,
+        ]
+    })
+    .await;
+    let d = stub_daemon(&stub.base, GATEWAY);
+    let resp = tokio::time::timeout(Duration::from_secs(20), gateway_post(&d, false))
+        .await
+        .expect("the gateway answered within the deadline");
+    assert_eq!(resp.status(), 400);
+    let body = resp.text().await.unwrap_or_default();
+    assert!(body.contains("\"type\":\"error\""), "{body}");
+    let s = Raw::connect(&d.socket)
+        .await
+        .call(1, "status", json!({}))
+        .await;
+    assert_eq!(in_flight(&s), 0, "{s}");
+}
+
 /// The same stall through the HTTP gateway, after the answer has started: the body is cut
 /// once the provider was silent for `stream_idle_secs`, and the profile's only slot is free
 /// again (it was held until the client gave up).
@@ -144,25 +197,8 @@ async fn a_stall_mid_answer_through_the_gateway_cuts_it_and_frees_the_slot() {
         ]
     })
     .await;
-    let d = stub_daemon(&stub.base, "[gateway]\nlisten = \"127.0.0.1:0\"\n");
-    let c = d.client().await;
-    let k: llmd_proto::methods::GatewayKeyResult = c
-        .call(
-            "gateway.key",
-            &llmd_proto::methods::GatewayKeyParams::default(),
-        )
-        .await
-        .expect("gateway.key");
-    let base = k.base_url.expect("the gateway listens on TCP");
-    let mut resp = reqwest::Client::new()
-        .post(format!("{base}/p/stub/v1/messages"))
-        .header("x-api-key", &k.key)
-        .header("anthropic-version", "2023-06-01")
-        .json(&json!({"model": "m", "max_tokens": 10, "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .expect("the gateway answers");
+    let d = stub_daemon(&stub.base, GATEWAY);
+    let mut resp = gateway_post(&d, true).await;
     assert_eq!(resp.status(), 200);
     let mut got = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(20), async {

@@ -302,9 +302,11 @@ pub async fn forward(
                     }
                 }
                 let headers = resp.headers().clone();
-                let bytes = read_capped(resp, MAX_ERROR_ANSWER)
+                // Read under `stream_idle_secs`: an error body that never ends must not
+                // hold the request (and its slot) for good. What came is kept.
+                let bytes = providers::read_capped(resp, MAX_ERROR_ANSWER, timeouts.stream_idle)
                     .await
-                    .unwrap_or_default();
+                    .unwrap_or_else(|partial| partial);
                 // An error body may echo the request, the profile's real key among it.
                 let secrets = crate::chat::known_secrets(&token);
                 let text = crate::secret::scrub_known(
@@ -403,22 +405,6 @@ fn answer(
         idle,
     };
     pass_back(status, headers, Body::from_stream(pass))
-}
-
-async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Bytes, String> {
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| {
-        format!(
-            "the provider's answer broke off: {}",
-            providers::describe(&e)
-        )
-    })? {
-        if buf.len() + chunk.len() > cap {
-            return Err(format!("the provider's answer is over {cap} bytes"));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.into())
 }
 
 fn pass_back(status: StatusCode, headers: &HeaderMap, body: Body) -> Response {

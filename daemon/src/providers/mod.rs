@@ -425,7 +425,7 @@ pub async fn post(
 
 /// Reads at most `cap` bytes of a body, waiting at most `idle` for each chunk. `Err` holds
 /// what was read when the body broke or stalled.
-async fn read_capped(
+pub(crate) async fn read_capped(
     mut resp: reqwest::Response,
     cap: usize,
     idle: Duration,

@@ -41,6 +41,8 @@ pub struct Conn {
     /// Who may write to the socket now: the writer task or the reader (answers it gave at
     /// once, written without a hand-over when nothing else is being written).
     turn: Arc<Turn>,
+    /// Woken by the writer each time it took lines off the queue.
+    room: Arc<tokio::sync::Notify>,
     /// What the peer's uid may call.
     pub access: crate::access::Access,
 }
@@ -90,6 +92,24 @@ enum Slot {
     Anon(u64),
 }
 
+/// Waits until `out` has `want` free slots, without taking any: a waiter that held slots
+/// (as `reserve_many` does while it waits for the rest) would make every other line of the
+/// connection find the queue full, and its client be dropped as "not reading".
+async fn room_for(out: &mpsc::Sender<Vec<u8>>, room: &tokio::sync::Notify, want: usize) -> bool {
+    loop {
+        let freed = room.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if out.is_closed() {
+            return false;
+        }
+        if out.capacity() >= want {
+            return true;
+        }
+        freed.await;
+    }
+}
+
 /// Free queue slots a stream waits for before it reads more from the provider: enough for
 /// the deltas one event can produce.
 const STREAM_HEADROOM: usize = 32;
@@ -122,15 +142,7 @@ impl Conn {
         if self.out.capacity() >= want {
             return true;
         }
-        let wait = async {
-            match self.out.reserve_many(want).await {
-                Ok(permits) => {
-                    drop(permits);
-                    true
-                }
-                Err(_) => false,
-            }
-        };
+        let wait = room_for(&self.out, &self.room, want);
         let ok = tokio::select! {
             r = tokio::time::timeout(self.write_timeout, wait) => r.unwrap_or(false),
             _ = self.gone.cancelled() => false,
@@ -209,6 +221,7 @@ pub async fn serve(
         write_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
         next_anon: std::sync::atomic::AtomicU64::new(0),
         turn: Arc::new(Turn::default()),
+        room: Arc::new(tokio::sync::Notify::new()),
         access,
     });
     let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
@@ -218,6 +231,7 @@ pub async fn serve(
         conn.gone.clone(),
         idle,
         conn.turn.clone(),
+        conn.room.clone(),
     ));
     let max_in_flight = cfg.max_queued_responses.saturating_mul(4);
     // When the current unfinished line began: the idle limit counts from there, so a
@@ -552,6 +566,7 @@ async fn write_loop(
     gone: CancellationToken,
     write_timeout: Duration,
     turn: Arc<Turn>,
+    room: Arc<tokio::sync::Notify>,
 ) {
     let mut tx: &Stream = &stream;
     let mut batch = Vec::with_capacity(16 * 1024);
@@ -570,6 +585,7 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        room.notify_waiters();
         // A client that stops reading is dropped once a write has been stuck this long.
         let write = tokio::time::timeout(write_timeout, async {
             turn.take().await;
@@ -587,4 +603,35 @@ async fn write_loop(
         }
     }
     let _ = tx.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream waiting for room takes none of it: other lines still get the free slots
+    /// (with `reserve_many`, the waiter held them and the next line found the queue full).
+    #[tokio::test]
+    async fn waiting_for_room_leaves_the_free_slots_to_others() {
+        let (out, mut queue) = mpsc::channel::<Vec<u8>>(4);
+        let room = Arc::new(tokio::sync::Notify::new());
+        out.try_send(b"a".to_vec()).unwrap();
+        out.try_send(b"b".to_vec()).unwrap();
+        let waiter = tokio::spawn({
+            let (out, room) = (out.clone(), room.clone());
+            async move { room_for(&out, &room, 4).await }
+        });
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        out.try_send(b"c".to_vec())
+            .expect("a free slot is there for another line");
+        // The writer drains the queue and says so: the waiter goes on.
+        while queue.try_recv().is_ok() {}
+        room.notify_waiters();
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("no panic"));
+    }
 }
