@@ -423,7 +423,14 @@ impl LoginTask {
             } else {
                 self.retry_at.or(self.refresh_at)
             };
-            let persist_due = if self.unsaved { self.persist_at } else { None };
+            // A late refresh holds Claude Code's locks (this task's own, so never stale):
+            // a retry that waited for them would stall the task for the lock wait. The
+            // late answer's own write settles what is unsaved.
+            let persist_due = if self.unsaved && self.late.is_none() {
+                self.persist_at
+            } else {
+                None
+            };
             tokio::select! {
                 // Nobody holds a handle any more: stop before doing anything else.
                 biased;
@@ -823,6 +830,12 @@ impl LoginTask {
 
     /// A new login from `login.finish`: written under the locks, then served.
     async fn install(&mut self, tokens: Tokens) -> Result<(), InstallError> {
+        // A refresh still awaited holds Claude Code's locks, which the write below needs:
+        // finish it first (bounded by its late limit), so the new login is written last.
+        if self.late.is_some() {
+            let answer = poll_late(&mut self.late).await;
+            self.finish_late(answer).await;
+        }
         if let (Some(dir), Some(_)) = (self.source.path().parent(), &self.settings.locks) {
             if !dir.exists() {
                 crate::fsutil::ensure_private_dir(dir).map_err(FileError::Folder)?;
@@ -1580,5 +1593,38 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::RefreshFailed, "{e:?}");
         drop(held);
+    }
+
+    /// A new login handed over while a refresh answer is still awaited (holding Claude
+    /// Code's locks) waits for that answer instead of for its own locks, and is written
+    /// last. (It waited the whole lock wait, then failed with "Claude Code holds the
+    /// locks".)
+    #[tokio::test(start_paused = true)]
+    async fn an_install_during_a_late_refresh_waits_for_it_and_wins() {
+        let initial = tokens(0, 30);
+        let mut h = start(&initial, 2);
+        let claude = h._dir.path().join("claude");
+        std::fs::create_dir(&claude).unwrap();
+        let mut with_locks = settings(h.endpoint.clone(), 2);
+        with_locks.locks = Some(ClaudeLocks::for_dir(&claude, Duration::from_secs(30)));
+        h.handle.reconfigure(with_locks);
+        let forced = tokio::spawn(h.forced());
+        let (_current, reply) = h.next_call().await;
+        // The caller gives up after the 2 s timeout; the answer is awaited late.
+        assert!(forced.await.unwrap().is_err());
+        let install = tokio::spawn({
+            let handle = h.handle.clone();
+            async move { handle.install(tokens(9, 3600)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!install.is_finished());
+        reply.send(Ok(tokens(1, 3600))).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), install)
+            .await
+            .expect("the install was not held for the lock wait")
+            .unwrap()
+            .expect("installed");
+        assert_eq!(h.on_disk().access.expose(), "access-9");
+        assert_eq!(h.count.load(Ordering::SeqCst), 1);
     }
 }
