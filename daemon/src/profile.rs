@@ -184,7 +184,7 @@ impl Profile {
             return crate::handlers::ok(&self.follower_answer(c));
         }
         let (token, expires_at) = self.secret(min_valid, force).await?;
-        let answer = self.answer(&token, expires_at)?;
+        let answer = self.answer(&token, expires_at, || self.login_scopes())?;
         RawValue::from_string(answer.json.to_string())
             .map_err(|e| RpcError::internal(e.to_string()))
     }
@@ -194,28 +194,37 @@ impl Profile {
     /// be asked (a refresh is due). The JSON is built once per token and shared.
     pub fn ready_answer(&self, min_valid: u64) -> Option<Result<Arc<Answer>, RpcError>> {
         match &self.credential {
-            Credential::Static(Ok(k)) => Some(self.answer(k, None)),
+            Credential::Static(Ok(k)) => Some(self.answer(k, None, Vec::new)),
             Credential::Static(Err(why)) => Some(Err(self.missing(why))),
             Credential::Login(h) => {
+                // The snapshot is a read guard on the login's `watch`: it must not be taken
+                // twice at once (a waiting write blocks the second read: a deadlock), so
+                // the scopes come from this guard.
                 let snap = h.snapshot();
                 let (t, e) = snap.valid_token(min_valid)?;
-                Some(self.answer(t, e))
+                Some(self.answer(t, e, || snap.scopes.clone()))
             }
             // A follower's answer comes from its upstream: the slow path.
             Credential::Follower(_) => None,
         }
     }
 
-    fn answer(&self, token: &Secret, expires_at: Option<i64>) -> Result<Arc<Answer>, RpcError> {
+    /// The shared answer for `token`, built (with `scopes`, what a follower's mirror
+    /// needs) only when the token changed.
+    fn answer(
+        &self,
+        token: &Secret,
+        expires_at: Option<i64>,
+        scopes: impl FnOnce() -> Vec<String>,
+    ) -> Result<Arc<Answer>, RpcError> {
         if let Some(a) = self.answer.load().as_ref() {
             if a.token == *token && a.expires_at == expires_at {
                 return Ok(a.clone());
             }
         }
         let mut answer = self.answer_for(token, expires_at);
-        if let Credential::Login(h) = &self.credential {
-            // What a follower's mirror needs, where the login records it.
-            answer.scopes = h.snapshot().scopes.clone();
+        if let Credential::Login(_) = &self.credential {
+            answer.scopes = scopes();
             if self.config.auth == AuthKind::ClaudeCli {
                 answer.subscription_type = subscription_type(&config::claude_dir(&self.config));
             }
@@ -228,6 +237,14 @@ impl Profile {
         });
         self.answer.store(Some(a.clone()));
         Ok(a)
+    }
+
+    /// The login's scopes (none for other credentials); takes the snapshot briefly.
+    fn login_scopes(&self) -> Vec<String> {
+        match &self.credential {
+            Credential::Login(h) => h.snapshot().scopes.clone(),
+            _ => Vec::new(),
+        }
     }
 
     fn missing(&self, why: &credentials::KeyError) -> RpcError {
@@ -678,11 +695,17 @@ mod answer_tests {
     #[test]
     fn a_new_token_gets_a_new_answer() {
         let p = key_profile("sk-ant-api03-one");
-        let a = p.answer(&Secret::new("sk-ant-api03-one"), None).unwrap();
-        let b = p.answer(&Secret::new("sk-ant-api03-two"), None).unwrap();
+        let a = p
+            .answer(&Secret::new("sk-ant-api03-one"), None, Vec::new)
+            .unwrap();
+        let b = p
+            .answer(&Secret::new("sk-ant-api03-two"), None, Vec::new)
+            .unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
         assert!(b.json.contains("sk-ant-api03-two") && !b.json.contains("-one"));
-        let c = p.answer(&Secret::new("sk-ant-api03-two"), Some(5)).unwrap();
+        let c = p
+            .answer(&Secret::new("sk-ant-api03-two"), Some(5), Vec::new)
+            .unwrap();
         assert!(
             c.json.contains("\"expires_at\":5"),
             "a new expiry is a new answer"

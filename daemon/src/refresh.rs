@@ -270,7 +270,9 @@ impl LoginHandle {
         }
     }
 
-    /// The current snapshot (never waits).
+    /// The current snapshot: a read guard on the login's `watch`. Hold it briefly and never
+    /// take a second one while holding it: a publish waiting for the lock blocks new
+    /// readers, so a nested borrow deadlocks the thread (and the login task) for good.
     pub fn snapshot(&self) -> watch::Ref<'_, Snapshot> {
         self.snapshot.borrow()
     }
@@ -741,6 +743,7 @@ impl LoginTask {
                 expires_at,
                 state: None,
                 error: None,
+                skipped: None,
             });
         }
     }
@@ -1073,6 +1076,7 @@ impl LoginTask {
                     expires_at: None,
                     state: Some(state),
                     error: self.last_error.clone(),
+                    skipped: None,
                 });
             }
         }

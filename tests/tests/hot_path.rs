@@ -19,7 +19,7 @@ fn now() -> i64 {
 fn daemon(fake: &FakeOAuth) -> Daemon {
     Daemon::builder()
         .config(&format!(
-            "[daemon]\nrefresh_margin_secs = 60\nrefresh_timeout_secs = 5\n\n\
+            "[daemon]\nrefresh_margin_secs = 60\nrefresh_timeout_secs = 5\nforced_refresh_interval_secs = 0\n\n\
              [profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\n\n\
              [profiles.key]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"HOT_KEY\"\n",
             fake.anthropic_url()
@@ -98,4 +98,47 @@ async fn an_id_still_in_flight_is_refused_on_the_fast_path_too() {
     // A fresh id is answered at once while the first still waits.
     let v = raw.call(8, "token", json!({"profile": "key"})).await;
     assert_eq!(v["result"]["token"], "sk-ant-api03-hot-path");
+}
+
+/// Readers on the fast path and a login task publishing new tokens, at once, many times.
+/// The reader once held the login's snapshot while it took it again to build a new answer;
+/// with the login task's write waiting between the two, the daemon deadlocked for good
+/// (found by shared_login.rs hanging in CI). Every call here must be answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_readers_and_rotations_never_deadlock() {
+    const ROTATIONS: usize = 400;
+    let fake = FakeOAuth::start(3600).await;
+    let d = daemon(&fake);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..6 {
+        let c = d.client().await;
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::timeout(Duration::from_secs(10), c.token("work", None))
+                    .await
+                    .expect("the daemon stopped answering `token`")
+                    .expect("a token");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let c = d.client().await;
+    for i in 0..ROTATIONS {
+        let t = tokio::time::timeout(Duration::from_secs(10), c.refresh("work"))
+            .await
+            .unwrap_or_else(|_| panic!("the daemon stopped answering `refresh` after {i}"))
+            .expect("a refresh");
+        assert_eq!(t.token, access_of(i as u64 + 1));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for r in readers {
+        served += r.await.expect("a reader");
+    }
+    assert!(served > 0);
+    assert_eq!(fake.invalid_grants(), 0);
 }
