@@ -19,7 +19,7 @@
 use crate::connection::Connection;
 use crate::{Client, Error};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use llmd_proto::methods::{names, Event, SubscribeParams, TokenParams, TokenResult};
+use llmd_proto::methods::{event_kinds, names, Event, SubscribeParams, TokenParams, TokenResult};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -284,6 +284,8 @@ fn on_event(inner: &Weak<Inner>, params: &RawValue) {
     };
     let mut st = lock(&inner.state);
     match serde_json::from_str::<Event>(params.get()) {
+        // A subscriber that fell behind may have missed a rotation of any profile.
+        Ok(e) if e.kind == event_kinds::EVENTS_LOST => st.drop_all(),
         Ok(e) => st.invalidate(&e.profile),
         // An event that cannot be read may have been about any profile.
         Err(_) => st.drop_all(),

@@ -343,6 +343,7 @@ impl Inner {
                 expires_at: c.expires_at,
                 state: None,
                 error: None,
+                skipped: None,
             });
         }
         self.publish();
@@ -378,6 +379,7 @@ impl Inner {
             expires_at: None,
             state: Some(state),
             error,
+            skipped: None,
         });
     }
 
@@ -415,7 +417,9 @@ impl Inner {
             tokio::select! {
                 ev = events.recv() => match ev {
                     None => return self.unreachable("the connection closed").message,
-                    Some(e) if e.profile == self.upstream_profile => {
+                    // events.lost: the upstream skipped events this link may need.
+                    Some(e) if e.profile == self.upstream_profile
+                        || e.kind == event_kinds::EVENTS_LOST => {
                         if let Err(e) = self.ask(0).await {
                             if e.kind() == ErrorKind::Upstream {
                                 return e.message;

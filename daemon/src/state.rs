@@ -7,11 +7,12 @@ use crate::profile::{Env, Profile};
 use crate::sync::lock;
 use crate::tools::ToolRegistry;
 use crate::watch::Watcher;
+use arc_swap::ArcSwap;
 use llmd_proto::methods::Event;
 use llmd_proto::RpcError;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,9 @@ pub struct Daemon {
     pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
     config_path: PathBuf,
     config_explicit: bool,
-    registry: RwLock<Arc<Registry>>,
+    /// Read by every request of every connection, replaced only by a reload: a lock-free
+    /// swap keeps readers from ever contending on it (or on each other).
+    registry: ArcSwap<Registry>,
     /// Serializes reloads and profile rebuilds so neither overwrites the other.
     install_lock: Mutex<()>,
     watcher: Watcher,
@@ -85,7 +88,7 @@ impl Daemon {
             gateway: std::sync::OnceLock::new(),
             config_path,
             config_explicit,
-            registry: RwLock::new(Arc::new(empty)),
+            registry: ArcSwap::from_pointee(empty),
             install_lock: Mutex::new(()),
             watcher: Watcher::spawn(),
         });
@@ -95,15 +98,13 @@ impl Daemon {
 
     /// The current generation.
     pub fn registry(&self) -> Arc<Registry> {
-        match self.registry.read() {
-            Ok(r) => r.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.registry.load_full()
     }
 
     /// A profile by name, or `unknown_profile`.
     pub fn profile(&self, name: &str) -> Result<Arc<Profile>, RpcError> {
-        self.registry()
+        self.registry
+            .load()
             .profiles
             .get(name)
             .cloned()
@@ -261,10 +262,7 @@ impl Daemon {
             state_dir,
             profiles,
         });
-        match self.registry.write() {
-            Ok(mut w) => *w = reg,
-            Err(poisoned) => *poisoned.into_inner() = reg,
-        }
+        self.registry.store(reg);
         names
     }
 }

@@ -405,14 +405,17 @@ pub mod event_kinds {
     pub const TOKEN_ROTATED: &str = "token.rotated";
     /// A profile's state changed.
     pub const PROFILE_STATE: &str = "profile.state";
+    /// This subscriber fell behind and events were skipped (`skipped` says how many):
+    /// whatever it holds about any profile may be stale. Sent whatever the filter.
+    pub const EVENTS_LOST: &str = "events.lost";
 }
 
 /// Payload of an `event` notification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// `token.rotated` or `profile.state`.
+    /// `token.rotated`, `profile.state` or `events.lost`.
     pub kind: String,
-    /// Profile name.
+    /// Profile name (empty for events.lost).
     pub profile: String,
     /// New expiry (token.rotated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -423,6 +426,9 @@ pub struct Event {
     /// Why, for error states.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How many events were skipped (events.lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<u64>,
 }
 
 /// `credentials.remove` result.

@@ -53,6 +53,8 @@ struct Seen {
     /// While set, `token` answers are held back instead of forwarded.
     hold: AtomicBool,
     held: Mutex<Vec<String>>,
+    /// Lines to send to the client on the next `release`, as if the daemon had sent them.
+    inject: Mutex<Vec<String>>,
     /// Woken when an answer was held or an event was forwarded.
     changed: Notify,
     /// Forward what is held.
@@ -143,7 +145,8 @@ async fn relay(client: UnixStream, upstream: UnixStream, seen: Arc<Seen>) {
                 }
             }
             _ = seen.release.notified() => {
-                let held: Vec<String> = std::mem::take(&mut *seen.held.lock().unwrap());
+                let mut held: Vec<String> = std::mem::take(&mut *seen.held.lock().unwrap());
+                held.append(&mut seen.inject.lock().unwrap());
                 for line in held {
                     if cw.write_all(format!("{line}\n").as_bytes()).await.is_err() {
                         return;
@@ -353,4 +356,32 @@ async fn a_lost_connection_drops_the_cache() {
     .expect("the cache is dropped with its connection");
     assert_eq!(cache.token("work").await.unwrap().token, access_of(0));
     assert!(cache.cached("work").is_some());
+}
+
+/// The daemon tells a subscriber that fell behind its event bus with `events.lost`
+/// (daemon/src/handlers/subscribe.rs, unit-tested there): a skipped `token.rotated` may have
+/// been about any profile, so every cached token goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_drop_every_cached_token() {
+    let fake = FakeOAuth::start(3600).await;
+    let d = daemon(&fake, &bundle(&access_of(0), &refresh_of(0), now() + 3600));
+    let relay = Relay::start(&d.socket);
+    let cache = relay.client().await.token_cache(60);
+    cache.token("key").await.unwrap();
+    cache.token("work").await.unwrap();
+    assert!(cache.cached("key").is_some() && cache.cached("work").is_some());
+    relay.seen.inject.lock().unwrap().push(
+        r#"{"jsonrpc":"2.0","method":"event","params":{"kind":"events.lost","profile":"","skipped":3}}"#
+            .to_string(),
+    );
+    relay.seen.release.notify_one();
+    tokio::time::timeout(WAIT, async {
+        while cache.cached("key").is_some() || cache.cached("work").is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("events.lost drops every cached token");
+    assert_eq!(cache.token("work").await.unwrap().token, access_of(0));
+    assert_eq!(relay.seen.token_requests.load(Ordering::SeqCst), 3);
 }

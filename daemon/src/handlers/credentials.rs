@@ -124,6 +124,7 @@ fn announce(ctx: &Ctx, name: &str) {
             expires_at: st.expires_at,
             state: Some(st.state),
             error: st.last_error,
+            skipped: None,
         });
     }
 }
