@@ -744,6 +744,7 @@ impl LoginTask {
                 state: None,
                 error: None,
                 skipped: None,
+                quota: None,
             });
         }
     }
@@ -1077,6 +1078,7 @@ impl LoginTask {
                     state: Some(state),
                     error: self.last_error.clone(),
                     skipped: None,
+                    quota: None,
                 });
             }
         }

@@ -64,6 +64,7 @@ async fn forward(
                     state: None,
                     error: None,
                     skipped: Some(n),
+                    quota: None,
                 })
             }
             Err(RecvError::Closed) => break,
