@@ -1106,6 +1106,73 @@ base_url = "https://api.deepseek.com/v1"
         assert!(e.contains("mirror_claude_config_dir"), "{e}");
     }
 
+    const MEMBERS: &str = "[profiles.a]\nprovider = \"anthropic\"\nauth = \"api-key\"\n\n[profiles.b]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\n\n[profiles.o]\nprovider = \"openai-compat\"\nauth = \"api-key\"\n\n";
+
+    #[test]
+    fn pools_parse_with_their_strategy() {
+        let cfg = p(&format!(
+            "{MEMBERS}[profiles.team]\npool = [\"a\", \"b\"]\nstrategy = \"least-used\"\nsticky_secs = 300\n"
+        ))
+        .unwrap();
+        let team = &cfg.pools["team"];
+        assert_eq!(team.pool, ["a", "b"]);
+        assert_eq!(team.strategy, Strategy::LeastUsed);
+        assert_eq!(team.sticky_secs, Some(300));
+        assert!(!cfg.profiles.contains_key("team"));
+        let cfg = p(&format!("{MEMBERS}[profiles.team]\npool = [\"a\"]\n")).unwrap();
+        assert_eq!(cfg.pools["team"].strategy, Strategy::FillFirst);
+        assert_eq!(cfg.usage.warn_at, [0.8, 0.95]);
+    }
+
+    #[test]
+    fn bad_pools_are_refused_naming_the_pool() {
+        for (pool, want) in [
+            ("pool = [\"a\", \"o\"]", "pool `team` mixes providers"),
+            (
+                "pool = [\"a\", \"nobody\"]",
+                "`nobody`, which is not a configured profile",
+            ),
+            ("pool = []", "pool `team` is empty"),
+            ("pool = [\"a\", \"a\"]", "lists `a` twice"),
+            (
+                "pool = [\"a\", \"inner\"]",
+                "`inner`, which is a pool itself",
+            ),
+        ] {
+            let e = p(&format!(
+                "{MEMBERS}[profiles.inner]\npool = [\"b\"]\n\n[profiles.team]\n{pool}\n"
+            ))
+            .unwrap_err()
+            .0;
+            assert!(e.contains("profiles.team.pool") && e.contains(want), "{e}");
+            assert!(e.contains(":17:"), "the line of `pool`: {e}");
+        }
+        let e = p(&format!(
+            "{MEMBERS}[profiles.team]\npool = [\"a\"]\nprovider = \"anthropic\"\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("provider"), "a pool takes only pool keys: {e}");
+        let e = p(&format!(
+            "{MEMBERS}[profiles.team]\npool = [\"a\"]\nstrategy = \"random\"\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("random") && e.contains(":15:"), "{e}");
+    }
+
+    #[test]
+    fn warn_at_must_be_shares() {
+        let cfg = p("[usage]\nwarn_at = [0.5, 0.9]\n").unwrap();
+        assert_eq!(cfg.usage.skip_at(), 0.9);
+        for bad in ["[80.0]", "[0.0]", "[-0.1]"] {
+            let e = p(&format!("[usage]\nwarn_at = {bad}\n")).unwrap_err().0;
+            assert!(e.contains("usage.warn_at"), "{e}");
+        }
+        let e = p("[usage]\nwarn = [0.5]\n").unwrap_err().0;
+        assert!(e.contains("warn"), "{e}");
+    }
+
     #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("ab\ncd", 4), (2, 2));

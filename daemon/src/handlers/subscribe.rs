@@ -94,6 +94,7 @@ mod tests {
             state: None,
             error: None,
             skipped: None,
+            quota: None,
         }
     }
 
