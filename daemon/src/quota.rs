@@ -23,8 +23,22 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
-/// The unified windows of Anthropic subscription logins, in display order.
-const UNIFIED: [&str; 2] = ["5h", "7d"];
+/// `(window, utilization, reset, status)` headers of the unified windows of Anthropic
+/// subscription logins, in display order.
+const UNIFIED: [(&str, &str, &str, &str); 2] = [
+    (
+        "5h",
+        "anthropic-ratelimit-unified-5h-utilization",
+        "anthropic-ratelimit-unified-5h-reset",
+        "anthropic-ratelimit-unified-5h-status",
+    ),
+    (
+        "7d",
+        "anthropic-ratelimit-unified-7d-utilization",
+        "anthropic-ratelimit-unified-7d-reset",
+        "anthropic-ratelimit-unified-7d-status",
+    ),
+];
 
 /// `(window, limit, remaining, reset)` header names of the per-minute limits.
 const LIMIT_HEADERS: &[(&str, &str, &str, &str)] = &[
@@ -94,17 +108,16 @@ impl Reading {
             status: text("anthropic-ratelimit-unified-status").map(short),
             windows: Vec::new(),
         };
-        for w in UNIFIED {
-            let util = text(&format!("anthropic-ratelimit-unified-{w}-utilization"))
+        for (w, util_h, reset_h, status_h) in UNIFIED {
+            let util = text(util_h)
                 .and_then(|v| v.parse::<f64>().ok())
                 .filter(|u| u.is_finite());
             let Some(util) = util else { continue };
             r.windows.push(QuotaWindow {
                 name: w.to_owned(),
                 utilization: util.clamp(0.0, 1.0),
-                resets_at: text(&format!("anthropic-ratelimit-unified-{w}-reset"))
-                    .and_then(|v| v.parse::<i64>().ok()),
-                status: text(&format!("anthropic-ratelimit-unified-{w}-status")).map(short),
+                resets_at: text(reset_h).and_then(|v| v.parse::<i64>().ok()),
+                status: text(status_h).map(short),
                 ..QuotaWindow::default()
             });
         }

@@ -134,10 +134,13 @@ impl Daemon {
     /// A profile or a pool by name, or `unknown_profile`.
     pub fn target(&self, name: &str) -> Result<Target, RpcError> {
         let reg = self.registry.load();
-        if let Some(pool) = reg.pools.get(name) {
-            return Ok(Target::Pool(pool.clone()));
+        if let Some(p) = reg.profiles.get(name) {
+            return Ok(Target::Profile(p.clone()));
         }
-        self.profile(name).map(Target::Profile)
+        match reg.pools.get(name) {
+            Some(pool) => Ok(Target::Pool(pool.clone())),
+            None => Err(RpcError::unknown_profile(name)),
+        }
     }
 
     /// Reads the config file again. On error the running config stays and the message

@@ -84,10 +84,10 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
             }
         }
     }
-    let Some(i) = pool.fallback().or(last.is_none().then_some(0)) else {
+    let fallback = pool.fallback().or(last.is_none().then_some(0));
+    let Some((i, member)) = fallback.and_then(|i| Some((i, pool.members.get(i)?))) else {
         return Err(last.unwrap_or_else(|| RpcError::internal("empty pool")));
     };
-    let member = &pool.members[i];
     let resp = chat::execute_as(&ctx.daemon, member, &p.request, sink, Mode::Alone).await?;
     ok(&answered(&pool, i, agent.as_deref(), resp))
 }
@@ -134,9 +134,10 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             }
         }
     }
-    match last {
-        Some(e) => Err(e),
-        None => ok(&embed_one(ctx, &pool.members[0], &p).await?),
+    match (last, pool.members.first()) {
+        (Some(e), _) => Err(e),
+        (None, Some(first)) => ok(&embed_one(ctx, first, &p).await?),
+        (None, None) => Err(RpcError::internal("empty pool")),
     }
 }
 

@@ -57,10 +57,11 @@ pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             Err(e) => last = Some(e),
         }
     }
-    match last {
-        Some(e) => Err(e),
+    match (last, pool.members.first()) {
+        (Some(e), _) => Err(e),
         // Nobody is available: the first member's own error says why.
-        None => pool.members[0].token_answer(min_valid, Force::No).await,
+        (None, Some(first)) => first.token_answer(min_valid, Force::No).await,
+        (None, None) => Err(llmd_proto::RpcError::internal("empty pool")),
     }
 }
 
