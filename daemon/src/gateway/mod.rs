@@ -247,7 +247,8 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             },
         ));
     };
-    if !gateway_allowed(&profile) {
+    // A pool is served only by the members the gateway may use (checked per member).
+    if pool.is_none() && !gateway_allowed(&profile) {
         return Err(err(
             StatusCode::FORBIDDEN,
             format!(
@@ -268,11 +269,27 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
     })?;
     if parts.method == axum::http::Method::POST {
         let provider = profile.config.provider;
-        if rest == "v1/chat/completions" && provider != Provider::OpenaiCompat {
-            return Ok(openai_facade::handle(gw.clone(), profile, body).await);
-        }
-        if rest == "v1/messages" && provider != Provider::Anthropic {
-            return Ok(anthropic_facade::handle(gw.clone(), profile, body).await);
+        let facade = (rest == "v1/chat/completions" && provider != Provider::OpenaiCompat)
+            || (rest == "v1/messages" && provider != Provider::Anthropic);
+        if facade {
+            // A translated request goes to the pool's first pick and does not move on.
+            let profile = match &pool {
+                Some(pool) => match first_pick(pool, &agent) {
+                    Some(m) => m,
+                    None => {
+                        return Err(err(
+                            StatusCode::FORBIDDEN,
+                            format!("no member of pool `{name}` may be served through the gateway (subscription logins need `gateway = true`)"),
+                        ))
+                    }
+                },
+                None => profile,
+            };
+            return Ok(if rest == "v1/messages" {
+                anthropic_facade::handle(gw.clone(), profile, body).await
+            } else {
+                openai_facade::handle(gw.clone(), profile, body).await
+            });
         }
     }
     let Some(upstream) = forward::upstream_url(&profile, rest, query.as_deref()) else {
@@ -300,6 +317,24 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
         shape,
     )
     .await)
+}
+
+/// The member a translated gateway request of `agent` goes to.
+fn first_pick(pool: &crate::pool::Pool, agent: &str) -> Option<Arc<crate::profile::Profile>> {
+    let pick = pool
+        .plan(Some(agent))
+        .into_iter()
+        .chain(pool.fallback())
+        .chain(0..pool.members.len())
+        .filter_map(|i| pool.members.get(i))
+        .find(|m| gateway_allowed(m))
+        .cloned();
+    if let Some(m) = &pick {
+        if let Some(i) = pool.members.iter().position(|x| Arc::ptr_eq(x, m)) {
+            pool.served(i, Some(agent));
+        }
+    }
+    pick
 }
 
 /// Subscription logins are served through the gateway only with `gateway = true`.
