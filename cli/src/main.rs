@@ -372,6 +372,19 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
                     s.connections
                 );
                 print!("{}", status_table(&s.profiles, now(), ui::stdout_colour()));
+                for p in &s.profiles {
+                    if let Some(q) = p
+                        .quota
+                        .as_ref()
+                        .map(|q| quota_text(q, now()))
+                        .filter(|t| !t.is_empty())
+                    {
+                        println!("quota {}: {q}", p.name);
+                    }
+                }
+                for pool in &s.pools {
+                    println!("{}", pool_text(pool));
+                }
                 if let Some(g) = &s.gateway {
                     for place in g.listen.iter().chain(g.unix.iter()) {
                         println!("gateway: {place} (profile P under /p/P)");
@@ -918,6 +931,51 @@ fn traffic_text(p: &ProfileStatus) -> String {
     }
 }
 
+/// `5h 42%, resets in 1h10m; 7d 18%, resets in 3d2h`: every quota window reported.
+fn quota_text(q: &llmd_client::proto::methods::Quota, now: i64) -> String {
+    let mut parts: Vec<String> = q
+        .windows
+        .iter()
+        .map(|w| {
+            let pct = (w.utilization * 100.0).round() as i64;
+            match w.resets_at {
+                Some(r) if r > now => format!("{} {pct}%, resets in {}", w.name, human(r - now)),
+                Some(_) => format!("{} reset", w.name),
+                None => format!("{} {pct}%", w.name),
+            }
+        })
+        .collect();
+    if let Some(st) = q.status.as_deref().filter(|s| *s != "allowed") {
+        parts.push(format!("status {st}"));
+    }
+    parts.join("; ")
+}
+
+/// `pool team (fill-first): work ok, 3 served; personal paused, 0 served`.
+fn pool_text(p: &llmd_client::proto::methods::PoolStatus) -> String {
+    let members: Vec<String> = p
+        .members
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}, {} served",
+                m.name,
+                m.skipped.as_deref().unwrap_or("ok"),
+                m.served
+            )
+        })
+        .collect();
+    let sticky = p
+        .sticky_secs
+        .map_or(String::new(), |s| format!(", sticky {s}s"));
+    format!(
+        "pool {} ({}{sticky}): {}",
+        p.name,
+        p.strategy,
+        members.join("; ")
+    )
+}
+
 /// `env ANTHROPIC_API_KEY`, `stored`, `file PATH`, `bundle PATH`, `Claude Code PATH`.
 fn source_text(p: &ProfileStatus) -> String {
     if let Some(u) = &p.upstream {
@@ -1010,7 +1068,31 @@ mod tests {
             base_url: None,
             default_model: None,
             upstream: None,
+            quota: None,
         }
+    }
+
+    #[test]
+    fn quota_reads_as_shares_and_resets() {
+        use llmd_client::proto::methods::{Quota, QuotaWindow};
+        let q = Quota {
+            status: Some("allowed".into()),
+            windows: vec![
+                QuotaWindow {
+                    name: "5h".into(),
+                    utilization: 0.42,
+                    resets_at: Some(1000 + 4200),
+                    ..QuotaWindow::default()
+                },
+                QuotaWindow {
+                    name: "7d".into(),
+                    utilization: 0.18,
+                    ..QuotaWindow::default()
+                },
+            ],
+            updated_at: 1000,
+        };
+        assert_eq!(quota_text(&q, 1000), "5h 42%, resets in 1h10m; 7d 18%");
     }
 
     #[test]

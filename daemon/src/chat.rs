@@ -41,7 +41,8 @@ impl<'a> TrackedSink<'a> {
         }
     }
 
-    fn started(&self) -> bool {
+    /// True once a delta was forwarded: from then on the request is committed.
+    pub fn started(&self) -> bool {
         self.started.load(Ordering::Relaxed)
     }
 }
@@ -57,12 +58,36 @@ impl DeltaSink for TrackedSink<'_> {
     }
 }
 
+/// How a 429 is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The profile serves alone: a 429 pauses it and the request waits and retries.
+    Alone,
+    /// A pool member with others to move to: a 429 pauses it and fails at once, so the
+    /// pool can try the next member.
+    PoolMember,
+}
+
+/// How long a pool member is paused after a 429 that names no `retry-after`.
+const POOL_MEMBER_PAUSE: Duration = Duration::from_secs(30);
+
 /// Runs `req` on `profile`, streaming deltas to `sink` when given.
 pub async fn execute(
     daemon: &Daemon,
     profile: &Profile,
     req: &ChatRequest,
     sink: Option<&dyn DeltaSink>,
+) -> Result<ChatResponse, RpcError> {
+    execute_as(daemon, profile, req, sink, Mode::Alone).await
+}
+
+/// [`execute`], with the 429 rule of `mode`.
+pub async fn execute_as(
+    daemon: &Daemon,
+    profile: &Profile,
+    req: &ChatRequest,
+    sink: Option<&dyn DeltaSink>,
+    mode: Mode,
 ) -> Result<ChatResponse, RpcError> {
     let tools = daemon
         .tools
@@ -84,7 +109,10 @@ pub async fn execute(
     let defs: Vec<ToolDef> = tools.iter().map(|t| t.def.clone()).collect();
     let estimate = estimate_tokens(req);
     let tracked = sink.map(TrackedSink::new);
-    let observe = |h: &reqwest::header::HeaderMap| profile.limiter.observe(h);
+    let observe = |h: &reqwest::header::HeaderMap| {
+        profile.limiter.observe(h);
+        profile.quota.observe(h);
+    };
     let mut retries = Retries::default();
     let timeouts = providers::Timeouts::from(&profile.config.timeouts);
     let http = daemon
@@ -120,6 +148,7 @@ pub async fn execute(
         // The slot is free again at once, whatever happens next (a retry waits its turn).
         drop(permit);
         log_failure(&profile.name, &err, &secrets);
+        observe_error(profile, &err);
         if tracked.as_ref().is_some_and(|t| t.started()) {
             return Err(to_rpc(err, &secrets));
         }
@@ -127,6 +156,12 @@ pub async fn execute(
             ProviderError::Http { status, .. } => *status,
             _ => 0,
         };
+        if status == 429 && mode == Mode::PoolMember {
+            profile
+                .limiter
+                .pause(err.retry_after().unwrap_or(POOL_MEMBER_PAUSE));
+            return Err(to_rpc(err, &secrets));
+        }
         let failure = Failure {
             status,
             overload_event: matches!(&err, ProviderError::Stream { kind, .. } if is_overload_kind(kind)),
@@ -138,6 +173,18 @@ pub async fn execute(
         match retries.next(profile, &failure) {
             Some(step) => step.run(profile, &token.token).await?,
             None => return Err(to_rpc(err, &secrets)),
+        }
+    }
+}
+
+/// Feeds a provider's error body to the quota tracker (Gemini names exhausted quotas there).
+pub fn observe_error(profile: &Profile, err: &ProviderError) {
+    if let ProviderError::Http {
+        status: 429, body, ..
+    } = err
+    {
+        if profile.config.provider == crate::config::Provider::Gemini {
+            profile.quota.observe_gemini_error(body);
         }
     }
 }

@@ -1,23 +1,182 @@
 //! The TOML config of DESIGN.md ("Config"), parsed strictly, and the embedded default.
 
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// The whole config file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole config file. Deserialized by [`parse`] (a `[profiles.NAME]` table with a
+/// `pool` key is a [`PoolConfig`], every other one a [`ProfileConfig`]).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Config {
     /// `[daemon]`
-    #[serde(default)]
     pub daemon: DaemonConfig,
-    /// `[profiles.NAME]`, ordered by name.
-    #[serde(default)]
+    /// `[profiles.NAME]` that are not pools, ordered by name.
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// `[profiles.NAME]` with `pool = [...]`, ordered by name.
+    pub pools: BTreeMap<String, PoolConfig>,
     /// `[gateway]`: the HTTP gateway; off when absent.
-    #[serde(default)]
     pub gateway: Option<GatewayConfig>,
+    /// `[usage]`
+    pub usage: UsageConfig,
+}
+
+/// `[usage]`: what llmd watches of the traffic it carries.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Quota shares (0 < x ≤ 1) whose upward crossing fires `profile.quota`; the highest
+    /// is also where a pool stops picking a member.
+    pub warn_at: Vec<f64>,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            warn_at: vec![0.8, 0.95],
+        }
+    }
+}
+
+impl UsageConfig {
+    /// The highest threshold: a pool member at or above it is skipped.
+    pub fn skip_at(&self) -> f64 {
+        self.warn_at.iter().copied().fold(f64::NAN, f64::max)
+    }
+}
+
+/// `[profiles.NAME]` with `pool = [...]`: one name serving from several member profiles.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Member profiles, in order (fill-first tries them in this order).
+    pub pool: Vec<String>,
+    /// How a member is picked.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// An agent keeps its member this long (a warm prompt cache), when set.
+    pub sticky_secs: Option<u64>,
+}
+
+/// How a pool picks a member among those available.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The first available member in config order.
+    #[default]
+    FillFirst,
+    /// Each request starts one member further than the previous one.
+    RoundRobin,
+    /// The member with the lowest reported quota use.
+    LeastUsed,
+}
+
+impl Strategy {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::FillFirst => "fill-first",
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastUsed => "least-used",
+        }
+    }
+}
+
+const TOP_LEVEL: &[&str] = &["daemon", "profiles", "gateway", "usage"];
+
+/// Deserializes a [`Config`] knowing which profile tables are pools (found by a first,
+/// untyped pass), so both kinds keep toml's exact error positions.
+struct ConfigSeed<'a> {
+    pools: &'a BTreeSet<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for ConfigSeed<'_> {
+    type Value = Config;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Config, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ConfigSeed<'_> {
+    type Value = Config;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a config table")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Config, A::Error> {
+        let mut cfg = Config::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "daemon" => cfg.daemon = map.next_value()?,
+                "gateway" => cfg.gateway = map.next_value()?,
+                "usage" => cfg.usage = map.next_value()?,
+                "profiles" => {
+                    let (profiles, pools) =
+                        map.next_value_seed(ProfilesSeed { pools: self.pools })?;
+                    cfg.profiles = profiles;
+                    cfg.pools = pools;
+                }
+                other => return Err(de::Error::unknown_field(other, TOP_LEVEL)),
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+struct ProfilesSeed<'a> {
+    pools: &'a BTreeSet<String>,
+}
+
+type ProfileMaps = (
+    BTreeMap<String, ProfileConfig>,
+    BTreeMap<String, PoolConfig>,
+);
+
+impl<'de> DeserializeSeed<'de> for ProfilesSeed<'_> {
+    type Value = ProfileMaps;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<ProfileMaps, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ProfilesSeed<'_> {
+    type Value = ProfileMaps;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a table of profiles")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ProfileMaps, A::Error> {
+        let (mut profiles, mut pools) = (BTreeMap::new(), BTreeMap::new());
+        while let Some(name) = map.next_key::<String>()? {
+            if self.pools.contains(&name) {
+                pools.insert(name, map.next_value::<PoolConfig>()?);
+            } else {
+                profiles.insert(name, map.next_value::<ProfileConfig>()?);
+            }
+        }
+        Ok((profiles, pools))
+    }
+}
+
+/// Names of the `[profiles.NAME]` tables holding a `pool` key; empty when the text does
+/// not parse (the typed pass then reports why).
+fn pool_names(text: &str) -> BTreeSet<String> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return BTreeSet::new();
+    };
+    let Some(toml::Value::Table(profiles)) = table.get("profiles") else {
+        return BTreeSet::new();
+    };
+    profiles
+        .iter()
+        .filter(|(_, v)| v.as_table().is_some_and(|t| t.contains_key("pool")))
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 /// `[gateway]`: the providers' own HTTP APIs on loopback (DESIGN.md, "Gateway").
@@ -388,25 +547,30 @@ pub fn load(path: &Path, explicit: bool) -> Result<(Config, ConfigSource), Confi
 
 /// Parses and validates config text; errors name `path`, the line and the key.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let cfg: Config = toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-        ConfigError(format!(
-            "{}:{line}:{col}: {}",
-            path.display(),
-            e.message().trim()
-        ))
-    })?;
+    let pools = pool_names(text);
+    let seed = ConfigSeed { pools: &pools };
+    let cfg: Config = seed
+        .deserialize(toml::Deserializer::new(text))
+        .map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError(format!(
+                "{}:{line}:{col}: {}",
+                path.display(),
+                e.message().trim()
+            ))
+        })?;
     let mut cfg = cfg;
     expand_paths(&mut cfg)
         .and_then(|()| validate(&cfg))
         .map_err(|(profile, key, msg)| {
             let line = profile
                 .as_deref()
-                .filter(|p| *p != GATEWAY_TABLE)
+                .filter(|p| *p != GATEWAY_TABLE && *p != USAGE_TABLE)
                 .and_then(|p| find_key_line(text, p, key))
                 .unwrap_or(1);
             let name = match profile {
                 Some(p) if p == GATEWAY_TABLE => format!("gateway.{key}"),
+                Some(p) if p == USAGE_TABLE => format!("usage.{key}"),
                 Some(p) => format!("profiles.{p}.{key}"),
                 None => format!("daemon.{key}"),
             };
@@ -482,6 +646,10 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     }
     if let Some(g) = &cfg.gateway {
         validate_gateway(g).map_err(|(key, msg)| (Some(GATEWAY_TABLE.into()), key, msg))?;
+    }
+    validate_usage(&cfg.usage).map_err(|msg| (Some(USAGE_TABLE.into()), "warn_at", msg))?;
+    for (name, pool) in &cfg.pools {
+        validate_pool(name, pool, cfg).map_err(|msg| (Some(name.clone()), "pool", msg))?;
     }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
@@ -649,6 +817,58 @@ fn validate_upstream(p: &ProfileConfig) -> Result<(), (&'static str, String)> {
 
 /// Marks a `[gateway]` error in [`Invalid`] (whose first field otherwise names a profile).
 const GATEWAY_TABLE: &str = "\0gateway";
+/// Marks a `[usage]` error in [`Invalid`].
+const USAGE_TABLE: &str = "\0usage";
+
+fn validate_usage(u: &UsageConfig) -> Result<(), String> {
+    if u.warn_at.iter().any(|t| !(*t > 0.0 && *t <= 1.0)) {
+        return Err("every threshold must be above 0 and at most 1 (0.8 is 80%)".into());
+    }
+    Ok(())
+}
+
+/// DESIGN.md, "Pools": real members, one provider, no nesting.
+fn validate_pool(name: &str, pool: &PoolConfig, cfg: &Config) -> Result<(), String> {
+    if !valid_name(name) {
+        return Err("profile names may use only letters, digits, `-`, `_` and `.`".into());
+    }
+    let Some(first) = pool.pool.first() else {
+        return Err(format!("pool `{name}` is empty: list at least one profile"));
+    };
+    let mut seen = BTreeSet::new();
+    for member in &pool.pool {
+        if !seen.insert(member) {
+            return Err(format!("pool `{name}` lists `{member}` twice"));
+        }
+        if cfg.pools.contains_key(member) {
+            return Err(format!(
+                "pool `{name}` lists `{member}`, which is a pool itself; pools cannot contain pools"
+            ));
+        }
+        if !cfg.profiles.contains_key(member) {
+            return Err(format!(
+                "pool `{name}` lists `{member}`, which is not a configured profile"
+            ));
+        }
+    }
+    let provider = |m: &str| cfg.profiles.get(m).map(|p| p.provider);
+    if let Some(other) = pool.pool.iter().find(|m| provider(m) != provider(first)) {
+        let show = |m: &str| provider(m).map_or("?", Provider::as_str);
+        return Err(format!(
+            "pool `{name}` mixes providers: `{first}` is {} but `{other}` is {}; members must share a provider",
+            show(first),
+            show(other)
+        ));
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
 
 fn validate_gateway(g: &GatewayConfig) -> Result<(), (&'static str, String)> {
     if g.listen.is_none() && g.unix.is_none() {
@@ -734,9 +954,8 @@ pub fn embedded_default() -> Config {
         profiles.insert("claude".to_string(), claude);
     }
     Config {
-        daemon: DaemonConfig::default(),
         profiles,
-        gateway: None,
+        ..Config::default()
     }
 }
 
@@ -885,6 +1104,73 @@ base_url = "https://api.deepseek.com/v1"
             .unwrap_err()
             .0;
         assert!(e.contains("mirror_claude_config_dir"), "{e}");
+    }
+
+    const MEMBERS: &str = "[profiles.a]\nprovider = \"anthropic\"\nauth = \"api-key\"\n\n[profiles.b]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\n\n[profiles.o]\nprovider = \"openai-compat\"\nauth = \"api-key\"\n\n";
+
+    #[test]
+    fn pools_parse_with_their_strategy() {
+        let cfg = p(&format!(
+            "{MEMBERS}[profiles.team]\npool = [\"a\", \"b\"]\nstrategy = \"least-used\"\nsticky_secs = 300\n"
+        ))
+        .unwrap();
+        let team = &cfg.pools["team"];
+        assert_eq!(team.pool, ["a", "b"]);
+        assert_eq!(team.strategy, Strategy::LeastUsed);
+        assert_eq!(team.sticky_secs, Some(300));
+        assert!(!cfg.profiles.contains_key("team"));
+        let cfg = p(&format!("{MEMBERS}[profiles.team]\npool = [\"a\"]\n")).unwrap();
+        assert_eq!(cfg.pools["team"].strategy, Strategy::FillFirst);
+        assert_eq!(cfg.usage.warn_at, [0.8, 0.95]);
+    }
+
+    #[test]
+    fn bad_pools_are_refused_naming_the_pool() {
+        for (pool, want) in [
+            ("pool = [\"a\", \"o\"]", "pool `team` mixes providers"),
+            (
+                "pool = [\"a\", \"nobody\"]",
+                "`nobody`, which is not a configured profile",
+            ),
+            ("pool = []", "pool `team` is empty"),
+            ("pool = [\"a\", \"a\"]", "lists `a` twice"),
+            (
+                "pool = [\"a\", \"inner\"]",
+                "`inner`, which is a pool itself",
+            ),
+        ] {
+            let e = p(&format!(
+                "{MEMBERS}[profiles.inner]\npool = [\"b\"]\n\n[profiles.team]\n{pool}\n"
+            ))
+            .unwrap_err()
+            .0;
+            assert!(e.contains("profiles.team.pool") && e.contains(want), "{e}");
+            assert!(e.contains(":17:"), "the line of `pool`: {e}");
+        }
+        let e = p(&format!(
+            "{MEMBERS}[profiles.team]\npool = [\"a\"]\nprovider = \"anthropic\"\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("provider"), "a pool takes only pool keys: {e}");
+        let e = p(&format!(
+            "{MEMBERS}[profiles.team]\npool = [\"a\"]\nstrategy = \"random\"\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert!(e.contains("random") && e.contains(":15:"), "{e}");
+    }
+
+    #[test]
+    fn warn_at_must_be_shares() {
+        let cfg = p("[usage]\nwarn_at = [0.5, 0.9]\n").unwrap();
+        assert_eq!(cfg.usage.skip_at(), 0.9);
+        for bad in ["[80.0]", "[0.0]", "[-0.1]"] {
+            let e = p(&format!("[usage]\nwarn_at = {bad}\n")).unwrap_err().0;
+            assert!(e.contains("usage.warn_at"), "{e}");
+        }
+        let e = p("[usage]\nwarn = [0.5]\n").unwrap_err().0;
+        assert!(e.contains("warn"), "{e}");
     }
 
     #[test]

@@ -344,6 +344,7 @@ impl Inner {
                 state: None,
                 error: None,
                 skipped: None,
+                quota: None,
             });
         }
         self.publish();
@@ -380,6 +381,7 @@ impl Inner {
             state: Some(state),
             error,
             skipped: None,
+            quota: None,
         });
     }
 

@@ -75,6 +75,13 @@ fn check_config(cfg: &config::Config, source: &config::ConfigSource) -> Result<(
             println!("  {name}: MISSING {} ({why})", p.auth);
         }
     }
+    for (name, p) in &cfg.pools {
+        println!(
+            "  {name}: pool of {} ({})",
+            p.pool.join(", "),
+            p.strategy.as_str()
+        );
+    }
     if missing > 0 {
         return Err(format!(
             "{source}: parses, but {missing} of {} profiles have no credential in this environment",

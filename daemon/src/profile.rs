@@ -6,6 +6,7 @@ use crate::credentials::{
     self, api_key, bundle::BundleFile, claude_cli::CredentialsFile, setup_token, store, Source,
 };
 use crate::oauth::{anthropic::AnthropicOAuth, minimax::MinimaxOAuth, HttpEndpoint, Upstream};
+use crate::quota::QuotaTracker;
 use crate::ratelimit::RateLimiter;
 use crate::refresh::{Force, LoginHandle, LoginSpec, Settings};
 use crate::secret::Secret;
@@ -49,6 +50,8 @@ pub struct Profile {
     pub credential: Credential,
     /// Shared rate limits of its chat traffic.
     pub limiter: Arc<RateLimiter>,
+    /// The provider's latest quota report.
+    pub quota: Arc<QuotaTracker>,
     /// The serialized `token` answer of the last token served, shared by every connection
     /// without a lock (replaced only when the token changes).
     answer: ArcSwapOption<Answer>,
@@ -84,6 +87,8 @@ pub struct Env<'a> {
     pub http: &'a reqwest::Client,
     /// Event bus.
     pub events: &'a broadcast::Sender<Event>,
+    /// `[usage] warn_at`.
+    pub warn_at: &'a [f64],
 }
 
 impl Profile {
@@ -161,7 +166,18 @@ impl Profile {
             config: cfg.clone(),
             credential,
             limiter: Arc::new(RateLimiter::new(cfg.rate_limit.as_ref())),
+            quota: Arc::new(QuotaTracker::new(name, env.events.clone(), env.warn_at)),
             answer: ArcSwapOption::empty(),
+        }
+    }
+
+    /// The credential's state, without building the whole `status` line.
+    pub fn health(&self) -> ProfileState {
+        match &self.credential {
+            Credential::Static(Ok(_)) => ProfileState::Ok,
+            Credential::Static(Err(_)) => ProfileState::Missing,
+            Credential::Login(h) => h.snapshot().state,
+            Credential::Follower(f) => f.status().0,
         }
     }
 
@@ -288,6 +304,7 @@ impl Profile {
             provider: Some(self.config.provider.as_str().to_owned()),
             scopes: Vec::new(),
             subscription_type: None,
+            member: None,
         }
     }
 
@@ -327,6 +344,7 @@ impl Profile {
             provider: c.provider,
             scopes: c.scopes,
             subscription_type: c.subscription_type,
+            member: None,
         }
     }
 
@@ -376,6 +394,7 @@ impl Profile {
             base_url: Some(self.base_url().to_owned()),
             default_model: self.config.default_model.clone(),
             upstream: None,
+            quota: self.quota.snapshot(),
         };
         match &self.credential {
             Credential::Static(Ok(_)) => {}
@@ -683,6 +702,7 @@ mod answer_tests {
         Profile {
             name: "k".into(),
             limiter: Arc::new(RateLimiter::new(None)),
+            quota: Arc::new(QuotaTracker::new("k", broadcast::channel(1).0, &[])),
             credential: Credential::Static(Ok(Secret::new(key))),
             config,
             answer: ArcSwapOption::empty(),

@@ -393,6 +393,12 @@ impl RateLimiter {
         self.inner.lock().pause_until(until);
     }
 
+    /// True while a provider-imposed pause is in force (a pool skips the profile then).
+    pub fn is_paused(&self) -> bool {
+        let now = Instant::now();
+        self.inner.lock().paused_until.is_some_and(|p| p > now)
+    }
+
     /// Reads provider signals (`anthropic-ratelimit-*`, `x-ratelimit-*`, `retry-after`).
     pub fn observe(&self, headers: &HeaderMap) {
         self.observe_at(headers, SystemTime::now());
@@ -586,7 +592,7 @@ fn parse_retry_after(v: &str, wall_now: SystemTime) -> Option<Duration> {
 
 /// A reset as an RFC 3339 instant (Anthropic), a Go-style duration (OpenAI), plain seconds,
 /// or unix seconds (some gateways): the time left until it.
-fn parse_reset(v: &str, wall_now: SystemTime) -> Option<Duration> {
+pub fn parse_reset(v: &str, wall_now: SystemTime) -> Option<Duration> {
     if let Some(at) = parse_rfc3339(v) {
         return Some(at.duration_since(wall_now).unwrap_or(Duration::ZERO));
     }

@@ -763,6 +763,7 @@ impl LoginTask {
                 state: None,
                 error: None,
                 skipped: None,
+                quota: None,
             });
         }
     }
@@ -1102,6 +1103,7 @@ impl LoginTask {
                     state: Some(state),
                     error: self.last_error.clone(),
                     skipped: None,
+                    quota: None,
                 });
             }
         }

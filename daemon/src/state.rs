@@ -3,6 +3,7 @@
 
 use crate::config::{self, Config, ConfigSource};
 use crate::oauth::anthropic::PendingLogin;
+use crate::pool::Pool;
 use crate::profile::{Env, Profile};
 use crate::sync::lock;
 use crate::tools::ToolRegistry;
@@ -28,6 +29,17 @@ pub struct Registry {
     pub state_dir: PathBuf,
     /// Profiles by name.
     pub profiles: BTreeMap<String, Arc<Profile>>,
+    /// Pools by name, over the profiles of this generation.
+    pub pools: BTreeMap<String, Arc<Pool>>,
+}
+
+/// What a profile name used by `chat`, `embed`, `token` or the gateway stands for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One profile.
+    Profile(Arc<Profile>),
+    /// A pool of profiles.
+    Pool(Arc<Pool>),
 }
 
 /// Everything the request handlers share.
@@ -76,6 +88,7 @@ impl Daemon {
             source: source.clone(),
             state_dir: state_dir.clone(),
             profiles: BTreeMap::new(),
+            pools: BTreeMap::new(),
         };
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
@@ -101,14 +114,33 @@ impl Daemon {
         self.registry.load_full()
     }
 
-    /// A profile by name, or `unknown_profile`.
+    /// A profile by name, or `unknown_profile` (`invalid_params` for a pool, which the
+    /// methods that serve pools look up with [`Daemon::target`] first).
     pub fn profile(&self, name: &str) -> Result<Arc<Profile>, RpcError> {
-        self.registry
-            .load()
-            .profiles
-            .get(name)
-            .cloned()
-            .ok_or_else(|| RpcError::unknown_profile(name))
+        let reg = self.registry.load();
+        if let Some(p) = reg.profiles.get(name) {
+            return Ok(p.clone());
+        }
+        if let Some(pool) = reg.pools.get(name) {
+            let members: Vec<&str> = pool.members.iter().map(|m| m.name.as_str()).collect();
+            return Err(RpcError::invalid_params(format!(
+                "`profile`: `{name}` is a pool; name one of its members ({})",
+                members.join(", ")
+            )));
+        }
+        Err(RpcError::unknown_profile(name))
+    }
+
+    /// A profile or a pool by name, or `unknown_profile`.
+    pub fn target(&self, name: &str) -> Result<Target, RpcError> {
+        let reg = self.registry.load();
+        if let Some(p) = reg.profiles.get(name) {
+            return Ok(Target::Profile(p.clone()));
+        }
+        match reg.pools.get(name) {
+            Some(pool) => Ok(Target::Pool(pool.clone())),
+            None => Err(RpcError::unknown_profile(name)),
+        }
     }
 
     /// Reads the config file again. On error the running config stays and the message
@@ -213,6 +245,7 @@ impl Daemon {
             forced_interval: Duration::from_secs(config.daemon.forced_refresh_interval_secs),
             http: &self.http,
             events: &self.events,
+            warn_at: &config.usage.warn_at,
         };
         let mut logins: Vec<_> = self
             .registry()
@@ -232,6 +265,14 @@ impl Daemon {
                 .filter(|p| p.config.rate_limit == cfg.rate_limit)
             {
                 fresh.limiter = old.limiter.clone();
+            }
+            // The provider's last report stays true across a reload.
+            if let Some(old) = reuse
+                .get(name)
+                .filter(|p| p.config.provider == cfg.provider)
+            {
+                old.quota.set_warn_at(&config.usage.warn_at);
+                fresh.quota = old.quota.clone();
             }
             profiles.insert(name.clone(), Arc::new(fresh));
         }
@@ -255,12 +296,34 @@ impl Daemon {
             })
             .collect();
         self.watcher.set_targets(targets);
-        let names = profiles.keys().cloned().collect();
+        let skip_at = config.usage.skip_at();
+        let pools = config
+            .pools
+            .iter()
+            .map(|(name, cfg)| {
+                // Validation guarantees every member exists.
+                let members = cfg
+                    .pool
+                    .iter()
+                    .filter_map(|m| profiles.get(m).cloned())
+                    .collect();
+                (
+                    name.clone(),
+                    Arc::new(Pool::new(name, cfg.clone(), members, skip_at)),
+                )
+            })
+            .collect();
+        let names = profiles
+            .keys()
+            .chain(config.pools.keys())
+            .cloned()
+            .collect();
         let reg = Arc::new(Registry {
             config,
             source,
             state_dir,
             profiles,
+            pools,
         });
         self.registry.store(reg);
         names

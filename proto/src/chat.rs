@@ -317,6 +317,9 @@ pub struct ChatResponse {
     pub stop_reason: StopReason,
     /// Token accounting.
     pub usage: Usage,
+    /// For a pool: the member profile that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// Why generation stopped.
@@ -422,6 +425,9 @@ pub struct EmbedResult {
     pub embeddings: Vec<Vec<f32>>,
     /// Token accounting (input tokens only).
     pub usage: Usage,
+    /// For a pool: the member profile that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// `tools.remove` params.

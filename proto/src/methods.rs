@@ -133,6 +133,72 @@ pub struct ProfileStatus {
     /// For `auth = "upstream"` profiles: the upstream llmd it follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamStatus>,
+    /// The provider's latest rate-limit and quota report for this profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+/// The latest quota state a provider reported for one profile (DESIGN.md, "Quotas").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Anthropic's overall unified status (`allowed`, `allowed_warning`, `rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Every window reported, in a stable order (`5h`, `7d`, then the others).
+    #[serde(default)]
+    pub windows: Vec<QuotaWindow>,
+    /// Unix seconds of the answer the state was read from.
+    pub updated_at: i64,
+}
+
+/// One limit window of a [`Quota`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuotaWindow {
+    /// `5h`, `7d` (Anthropic unified), `requests`, `tokens`, `input_tokens`,
+    /// `output_tokens` (per-minute limits), or a Gemini quota id.
+    pub name: String,
+    /// Share used, 0.0 to 1.0.
+    pub utilization: f64,
+    /// Unix seconds when the window resets, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<i64>,
+    /// The window's limit, when reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// What is left of it, when reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// The provider's word for the window (`allowed`, `rejected`, …), when it sends one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// One pool of `status.pools`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Pool name (what clients pass as `profile`).
+    pub name: String,
+    /// `fill-first`, `round-robin` or `least-used`.
+    pub strategy: String,
+    /// How long an agent keeps its member, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_secs: Option<u64>,
+    /// Every member, in config order.
+    pub members: Vec<PoolMemberStatus>,
+}
+
+/// One member of a [`PoolStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolMemberStatus {
+    /// The member profile.
+    pub name: String,
+    /// True when the pool would pick it now.
+    pub available: bool,
+    /// Why it is skipped: `paused`, `over_quota`, `needs_login`, `no_credential`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Requests this pool sent to it since start.
+    pub served: u64,
 }
 
 /// Where a follower profile gets its tokens, and whether it reaches it now.
@@ -217,6 +283,9 @@ pub struct StatusResult {
     /// The HTTP gateway, when it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayStatus>,
+    /// Every configured pool and its members' state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
 }
 
 /// Where the HTTP gateway listens and who used it.
@@ -293,6 +362,9 @@ pub struct TokenResult {
     /// Claude subscription type (`pro`, `max`, …), when the login records it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscription_type: Option<String>,
+    /// For a pool: the member profile whose token this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 impl fmt::Debug for TokenResult {
@@ -408,6 +480,8 @@ pub mod event_kinds {
     /// This subscriber fell behind and events were skipped (`skipped` says how many):
     /// whatever it holds about any profile may be stale. Sent whatever the filter.
     pub const EVENTS_LOST: &str = "events.lost";
+    /// A profile's quota window crossed a `[usage] warn_at` threshold upward.
+    pub const PROFILE_QUOTA: &str = "profile.quota";
 }
 
 /// Payload of an `event` notification.
@@ -429,6 +503,23 @@ pub struct Event {
     /// How many events were skipped (events.lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<u64>,
+    /// The window that crossed a threshold (profile.quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaCrossing>,
+}
+
+/// What a `profile.quota` event reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaCrossing {
+    /// The threshold crossed (one of `[usage] warn_at`).
+    pub threshold: f64,
+    /// The window, as in [`QuotaWindow::name`].
+    pub window: String,
+    /// Its utilization now.
+    pub utilization: f64,
+    /// When it resets, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<i64>,
 }
 
 /// `credentials.remove` result.
@@ -457,6 +548,7 @@ mod tests {
             provider: None,
             scopes: Vec::new(),
             subscription_type: None,
+            member: None,
         };
         assert!(!format!("{t:?}").contains("sk-secret"));
         let c = CredentialsSetParams {

@@ -215,6 +215,8 @@ pub enum Failure {
     CutStream,
     /// HTTP 200 with MiniMax's `base_resp` error code.
     MinimaxStatus(i64),
+    /// Gemini's 429 `RESOURCE_EXHAUSTED` naming a daily quota (`QuotaFailure`, `RetryInfo`).
+    GeminiQuota,
 }
 
 struct Inner {
@@ -226,6 +228,8 @@ struct Inner {
     aborted: usize,
     completed: usize,
     seq: u64,
+    /// Sent with every answer (rate-limit and quota headers).
+    headers: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -261,6 +265,7 @@ impl FakeProviders {
                 aborted: 0,
                 completed: 0,
                 seq: 0,
+                headers: Vec::new(),
             })),
             changed: Arc::new(Notify::new()),
         };
@@ -301,6 +306,16 @@ impl FakeProviders {
             let _ = axum::serve(listener, app).await;
         });
         FakeProviders { shared, addr }
+    }
+
+    /// Sends these headers with every answer from now on (replacing earlier ones), as a
+    /// provider sends its rate-limit state.
+    pub fn set_headers(&self, headers: &[(&str, &str)]) -> &Self {
+        self.shared.lock().headers = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -612,6 +627,26 @@ fn lower_headers(h: &HeaderMap) -> BTreeMap<String, String> {
 async fn handle(
     shared: Shared,
     wire: Wire,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let extra = shared.lock().headers.clone();
+    let mut resp = answer_request(shared, wire, uri, headers, body).await;
+    for (k, v) in extra {
+        if let (Ok(k), Ok(v)) = (
+            axum::http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    resp
+}
+
+async fn answer_request(
+    shared: Shared,
+    wire: Wire,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
@@ -785,6 +820,19 @@ fn failure_response(wire: Wire, f: Failure) -> Response {
         Failure::RateLimited { .. } => (429, "rate_limit_error", "Rate limited"),
         Failure::Overloaded => (529, "overloaded_error", "Overloaded"),
         Failure::StreamError | Failure::CutStream => (500, "api_error", "Internal server error"),
+        Failure::GeminiQuota => {
+            let body = json!({"error": {"code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED",
+                "details": [
+                    {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                        "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                        "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                        "quotaValue": "50"}]},
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "40s"}]}});
+            let mut resp = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            return resp;
+        }
         Failure::MinimaxStatus(code) => {
             let body = json!({"id": "", "choices": null, "created": 0, "model": "", "object": "",
                 "base_resp": {"status_code": code, "status_msg": format!("fake MiniMax error {code}")}});

@@ -206,10 +206,11 @@ pub fn rpc_error(shape: Shape, e: RpcError) -> Response {
 pub async fn forward(
     gw: &Gateway,
     profile: &Arc<Profile>,
-    parts: Parts,
+    parts: &Parts,
     url: String,
     body: Bytes,
     shape: Shape,
+    mode: crate::chat::Mode,
 ) -> Response {
     let estimate = estimate(&body);
     let mut retries = Retries::default();
@@ -258,6 +259,7 @@ pub async fn forward(
         let (failure, answer) = match sent {
             Ok(resp) => {
                 profile.limiter.observe(resp.headers());
+                profile.quota.observe(resp.headers());
                 let status = resp.status();
                 if status.is_success() {
                     let headers = resp.headers().clone();
@@ -313,6 +315,11 @@ pub async fn forward(
                     &String::from_utf8_lossy(&bytes),
                     secrets.iter().map(String::as_str),
                 );
+                if status.as_u16() == 429
+                    && profile.config.provider == crate::config::Provider::Gemini
+                {
+                    profile.quota.observe_gemini_error(&text);
+                }
                 let bytes = Bytes::from(text.into_bytes());
                 let failure = Failure {
                     status: status.as_u16(),
@@ -338,6 +345,13 @@ pub async fn forward(
             ),
         };
         drop(permit);
+        if failure.status == 429 && mode == crate::chat::Mode::PoolMember {
+            // The pool moves to its next member; this one waits out its pause.
+            profile
+                .limiter
+                .pause(failure.retry_after.unwrap_or(POOL_MEMBER_PAUSE));
+            return answer;
+        }
         match retries.next(profile, &failure) {
             Some(step) => {
                 if let Err(e) = step.run(profile, &token.token).await {
@@ -348,6 +362,9 @@ pub async fn forward(
         }
     }
 }
+
+/// How long a pool member is paused after a 429 that names no `retry-after`.
+const POOL_MEMBER_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// True for a stream whose first event is an error that means "busy" (Anthropic's
 /// `overloaded_error`, …): retried like a 529, as nothing has reached the client yet.

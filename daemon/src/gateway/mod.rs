@@ -14,6 +14,7 @@ pub mod openai_facade;
 pub mod translate;
 pub mod usage;
 
+use crate::chat::Mode;
 use crate::config::{AuthKind, GatewayConfig, Provider};
 use crate::state::Daemon;
 use crate::sync::lock;
@@ -190,7 +191,14 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
         .strip_prefix("/p/")
         .and_then(|p| p.split_once('/'))
         .unwrap_or(("", ""));
-    let profile = gw.daemon.registry().profiles.get(name).cloned();
+    let reg = gw.daemon.registry();
+    let pool = reg.pools.get(name).cloned();
+    let profile = reg
+        .profiles
+        .get(name)
+        .or_else(|| pool.as_ref().and_then(|p| p.members.first()))
+        .cloned();
+    drop(reg);
     let shape = shape_for(profile.as_ref().map(|p| p.config.provider), rest);
     let err = |status, msg: String| GatewayError::new(status, shape, msg);
     if let Some(hosts) = &l.hosts {
@@ -228,7 +236,7 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             "missing or wrong llmd gateway key (see `llmctl gateway key`)".into(),
         ));
     };
-    *lock(&gw.requests).entry(agent).or_insert(0) += 1;
+    *lock(&gw.requests).entry(agent.clone()).or_insert(0) += 1;
     let Some(profile) = profile else {
         return Err(err(
             StatusCode::NOT_FOUND,
@@ -239,11 +247,8 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             },
         ));
     };
-    if matches!(
-        profile.config.auth,
-        AuthKind::Oauth | AuthKind::ClaudeCli | AuthKind::SetupToken | AuthKind::Upstream
-    ) && !profile.config.gateway
-    {
+    // A pool is served only by the members the gateway may use (checked per member).
+    if pool.is_none() && !gateway_allowed(&profile) {
         return Err(err(
             StatusCode::FORBIDDEN,
             format!(
@@ -264,11 +269,27 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
     })?;
     if parts.method == axum::http::Method::POST {
         let provider = profile.config.provider;
-        if rest == "v1/chat/completions" && provider != Provider::OpenaiCompat {
-            return Ok(openai_facade::handle(gw.clone(), profile, body).await);
-        }
-        if rest == "v1/messages" && provider != Provider::Anthropic {
-            return Ok(anthropic_facade::handle(gw.clone(), profile, body).await);
+        let facade = (rest == "v1/chat/completions" && provider != Provider::OpenaiCompat)
+            || (rest == "v1/messages" && provider != Provider::Anthropic);
+        if facade {
+            // A translated request goes to the pool's first pick and does not move on.
+            let profile = match &pool {
+                Some(pool) => match first_pick(pool, &agent) {
+                    Some(m) => m,
+                    None => {
+                        return Err(err(
+                            StatusCode::FORBIDDEN,
+                            format!("no member of pool `{name}` may be served through the gateway (subscription logins need `gateway = true`)"),
+                        ))
+                    }
+                },
+                None => profile,
+            };
+            return Ok(if rest == "v1/messages" {
+                anthropic_facade::handle(gw.clone(), profile, body).await
+            } else {
+                openai_facade::handle(gw.clone(), profile, body).await
+            });
         }
     }
     let Some(upstream) = forward::upstream_url(&profile, rest, query.as_deref()) else {
@@ -280,7 +301,110 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             ),
         ));
     };
-    Ok(forward::forward(gw, &profile, parts, upstream, body, shape).await)
+    let Some(pool) = pool else {
+        return Ok(
+            forward::forward(gw, &profile, &parts, upstream, body, shape, Mode::Alone).await,
+        );
+    };
+    Ok(forward_pool(
+        gw,
+        &pool,
+        &agent,
+        &parts,
+        rest,
+        query.as_deref(),
+        body,
+        shape,
+    )
+    .await)
+}
+
+/// The member a translated gateway request of `agent` goes to.
+fn first_pick(pool: &crate::pool::Pool, agent: &str) -> Option<Arc<crate::profile::Profile>> {
+    let pick = pool
+        .plan(Some(agent))
+        .into_iter()
+        .chain(pool.fallback())
+        .chain(0..pool.members.len())
+        .filter_map(|i| pool.members.get(i))
+        .find(|m| gateway_allowed(m))
+        .cloned();
+    if let Some(m) = &pick {
+        if let Some(i) = pool.members.iter().position(|x| Arc::ptr_eq(x, m)) {
+            pool.served(i, Some(agent));
+        }
+    }
+    pick
+}
+
+/// Subscription logins are served through the gateway only with `gateway = true`.
+fn gateway_allowed(profile: &crate::profile::Profile) -> bool {
+    !matches!(
+        profile.config.auth,
+        AuthKind::Oauth | AuthKind::ClaudeCli | AuthKind::SetupToken | AuthKind::Upstream
+    ) || profile.config.gateway
+}
+
+/// Forwards through a pool: members in the pool's order, moving on after a 429 or a 401
+/// (nothing has reached the client then: a failed answer is never streamed).
+#[allow(clippy::too_many_arguments)]
+async fn forward_pool(
+    gw: &Arc<Gateway>,
+    pool: &crate::pool::Pool,
+    agent: &str,
+    parts: &axum::http::request::Parts,
+    rest: &str,
+    query: Option<&str>,
+    body: axum::body::Bytes,
+    shape: Shape,
+) -> Response {
+    let plan = pool.plan(Some(agent));
+    let fallback = pool.fallback();
+    let tries: Vec<(usize, Mode)> = plan
+        .iter()
+        .map(|&i| (i, Mode::PoolMember))
+        .chain(
+            fallback
+                .or(plan.is_empty().then_some(0))
+                .map(|i| (i, Mode::Alone)),
+        )
+        .collect();
+    let mut last = None;
+    for (n, &(i, mode)) in tries.iter().enumerate() {
+        let member = &pool.members[i];
+        let Some(url) =
+            forward::upstream_url(member, rest, query).filter(|_| gateway_allowed(member))
+        else {
+            continue;
+        };
+        let mode = if n + 1 == tries.len() {
+            Mode::Alone
+        } else {
+            mode
+        };
+        let resp = forward::forward(gw, member, parts, url, body.clone(), shape, mode).await;
+        let status = resp.status();
+        if status.is_success() {
+            pool.served(i, Some(agent));
+            return resp;
+        }
+        if n + 1 < tries.len()
+            && (status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::UNAUTHORIZED)
+        {
+            tracing::info!(pool = %pool.name, member = %member.name, status = status.as_u16(), "pool member failed; trying the next");
+            last = Some(resp);
+            continue;
+        }
+        return resp;
+    }
+    last.unwrap_or_else(|| {
+        GatewayError::new(
+            StatusCode::NOT_FOUND,
+            shape,
+            format!("`/{rest}` is not an API path the gateway forwards"),
+        )
+        .into_response()
+    })
 }
 
 /// A response with a JSON body.

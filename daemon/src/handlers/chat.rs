@@ -3,9 +3,13 @@
 
 use super::{ok, parse, Ctx, Reply};
 use crate::chat;
+use crate::chat::Mode;
+use crate::pool::{self, Pool};
+use crate::profile::Profile;
 use crate::providers::DeltaSink;
 use crate::server::connection::Conn;
-use llmd_proto::chat::{ChatDelta, ChatParams, Delta, EmbedParams};
+use crate::state::Target;
+use llmd_proto::chat::{ChatDelta, ChatParams, ChatResponse, Delta, EmbedParams, EmbedResult};
 use llmd_proto::methods::names;
 use llmd_proto::{encode_line, Id, Notification, RpcError};
 use serde_json::value::RawValue;
@@ -42,7 +46,7 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
             .map_err(|e| RpcError::invalid_params(format!("`request.{}", &e[1..])))?;
     }
     let p: ChatParams = super::parse_value(v)?;
-    let profile = ctx.daemon.profile(&p.profile)?;
+    let target = ctx.daemon.target(&p.profile)?;
     let sink = match (p.stream, id) {
         (true, Some(id)) => Some(ConnSink {
             conn: ctx.conn.clone(),
@@ -55,14 +59,48 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
         }
         (false, _) => None,
     };
-    let resp = chat::execute(
-        &ctx.daemon,
-        &profile,
-        &p.request,
-        sink.as_ref().map(|s| s as &dyn DeltaSink),
-    )
-    .await?;
-    ok(&resp)
+    let sink = sink.as_ref().map(|s| s as &dyn DeltaSink);
+    let pool = match target {
+        Target::Profile(profile) => {
+            return ok(&chat::execute(&ctx.daemon, &profile, &p.request, sink).await?)
+        }
+        Target::Pool(pool) => pool,
+    };
+    let agent = agent_of(ctx);
+    let tracked = sink.map(chat::TrackedSink::new);
+    let sink = tracked.as_ref().map(|t| t as &dyn DeltaSink);
+    let mut last = None;
+    for i in pool.plan(agent.as_deref()) {
+        let member = &pool.members[i];
+        match chat::execute_as(&ctx.daemon, member, &p.request, sink, Mode::PoolMember).await {
+            Ok(resp) => return ok(&answered(&pool, i, agent.as_deref(), resp)),
+            // Once a delta went out the answer is this member's, whatever happens.
+            Err(e) if tracked.as_ref().is_some_and(|t| t.started()) || !pool::moves_on(&e) => {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::info!(pool = %pool.name, member = %member.name, error = %e.message, "pool member failed; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    let fallback = pool.fallback().or(last.is_none().then_some(0));
+    let Some((i, member)) = fallback.and_then(|i| Some((i, pool.members.get(i)?))) else {
+        return Err(last.unwrap_or_else(|| RpcError::internal("empty pool")));
+    };
+    let resp = chat::execute_as(&ctx.daemon, member, &p.request, sink, Mode::Alone).await?;
+    ok(&answered(&pool, i, agent.as_deref(), resp))
+}
+
+/// The agent a pool keeps sticky: the connection's `hello` name.
+fn agent_of(ctx: &Ctx) -> Option<Arc<str>> {
+    crate::sync::lock(&ctx.conn.agent).clone()
+}
+
+fn answered(pool: &Pool, i: usize, agent: Option<&str>, mut resp: ChatResponse) -> ChatResponse {
+    pool.served(i, agent);
+    resp.member = Some(pool.members[i].name.clone());
+    resp
 }
 
 /// Embeds texts with the profile's provider.
@@ -71,7 +109,39 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     if p.input.is_empty() {
         return Err(RpcError::invalid_params("`input` is empty"));
     }
-    let profile = ctx.daemon.profile(&p.profile)?;
+    let pool = match ctx.daemon.target(&p.profile)? {
+        Target::Profile(profile) => return ok(&embed_one(ctx, &profile, &p).await?),
+        Target::Pool(pool) => pool,
+    };
+    let agent = agent_of(ctx);
+    let mut last = None;
+    let plan = pool.plan(agent.as_deref());
+    let tries = plan.iter().copied().chain(pool.fallback());
+    for i in tries {
+        let member = &pool.members[i];
+        match embed_one(ctx, member, &p).await {
+            Ok(mut r) => {
+                pool.served(i, agent.as_deref());
+                r.member = Some(member.name.clone());
+                return ok(&r);
+            }
+            Err(e) if !pool::moves_on(&e) => return Err(e),
+            Err(e) => {
+                if e.kind() == llmd_proto::ErrorKind::RateLimited {
+                    member.limiter.pause(std::time::Duration::from_secs(30));
+                }
+                last = Some(e);
+            }
+        }
+    }
+    match (last, pool.members.first()) {
+        (Some(e), _) => Err(e),
+        (None, Some(first)) => ok(&embed_one(ctx, first, &p).await?),
+        (None, None) => Err(RpcError::internal("empty pool")),
+    }
+}
+
+async fn embed_one(ctx: &Ctx, profile: &Profile, p: &EmbedParams) -> Result<EmbedResult, RpcError> {
     if profile.config.provider == crate::config::Provider::Anthropic {
         // Known before any request: the caller picked the wrong profile, not a provider failure.
         return Err(RpcError::invalid_params(format!(
@@ -98,6 +168,9 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         timeouts,
     )
     .await
-    .map_err(|e| chat::to_rpc(e, &secrets))?;
-    ok(&result)
+    .map_err(|e| {
+        chat::observe_error(profile, &e);
+        chat::to_rpc(e, &secrets)
+    })?;
+    Ok(result)
 }

@@ -125,6 +125,7 @@ fn announce(ctx: &Ctx, name: &str) {
             state: Some(st.state),
             error: st.last_error,
             skipped: None,
+            quota: None,
         });
     }
 }

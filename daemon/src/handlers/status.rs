@@ -38,5 +38,6 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
         config: Some(reg.source.to_string()),
         state_dir: Some(reg.state_dir.display().to_string()),
         gateway: d.gateway.get().map(|g| g.status()),
+        pools: reg.pools.values().map(|p| p.status()).collect(),
     })
 }

@@ -13,9 +13,15 @@ use tokio_util::sync::CancellationToken;
 pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: SubscribeParams = parse(params)?;
     for kind in &p.events {
-        if kind != event_kinds::TOKEN_ROTATED && kind != event_kinds::PROFILE_STATE {
+        if ![
+            event_kinds::TOKEN_ROTATED,
+            event_kinds::PROFILE_STATE,
+            event_kinds::PROFILE_QUOTA,
+        ]
+        .contains(&kind.as_str())
+        {
             return Err(RpcError::invalid_params(format!(
-                "unknown event kind `{kind}` in `events` (known: token.rotated, profile.state)"
+                "unknown event kind `{kind}` in `events` (known: token.rotated, profile.state, profile.quota)"
             )));
         }
     }
@@ -64,6 +70,7 @@ async fn forward(
                     state: None,
                     error: None,
                     skipped: Some(n),
+                    quota: None,
                 })
             }
             Err(RecvError::Closed) => break,
@@ -87,6 +94,7 @@ mod tests {
             state: None,
             error: None,
             skipped: None,
+            quota: None,
         }
     }
 

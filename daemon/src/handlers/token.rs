@@ -1,10 +1,11 @@
 //! `token` and `refresh`: a valid token with the provider's auth headers.
 
-use super::{parse, Ctx, Reply};
+use super::{ok, parse, Ctx, Reply};
 use crate::profile::Answer;
 use crate::refresh::Force;
 use crate::server::{Ready, SharedJson};
 use crate::state::Daemon;
+use crate::state::Target;
 use llmd_proto::methods::{ProfileParams, TokenParams};
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -22,8 +23,10 @@ pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    let profile = match daemon.profile(&p.profile) {
-        Ok(p) => p,
+    let profile = match daemon.target(&p.profile) {
+        Ok(Target::Profile(p)) => p,
+        // A pool picks a member per call: the slow path.
+        Ok(Target::Pool(_)) => return None,
         Err(e) => return Some(Err(e)),
     };
     let answer = profile.ready_answer(p.min_valid_secs.unwrap_or(0))?;
@@ -33,10 +36,33 @@ pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
 /// A token valid for `min_valid_secs` (default 0), refreshing first only when needed.
 pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: TokenParams = parse(params)?;
-    let profile = ctx.daemon.profile(&p.profile)?;
-    profile
-        .token_answer(p.min_valid_secs.unwrap_or(0), Force::No)
-        .await
+    let min_valid = p.min_valid_secs.unwrap_or(0);
+    let pool = match ctx.daemon.target(&p.profile)? {
+        Target::Profile(profile) => return profile.token_answer(min_valid, Force::No).await,
+        Target::Pool(pool) => pool,
+    };
+    let agent = crate::sync::lock(&ctx.conn.agent).clone();
+    let mut last = None;
+    let plan = pool.plan(agent.as_deref());
+    for i in plan.iter().copied().chain(pool.fallback()) {
+        let member = &pool.members[i];
+        match member.token(min_valid, Force::No).await {
+            Ok(mut t) => {
+                pool.served(i, agent.as_deref());
+                t.profile = pool.name.clone();
+                t.member = Some(member.name.clone());
+                return ok(&t);
+            }
+            Err(e) if !crate::pool::moves_on(&e) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    match (last, pool.members.first()) {
+        (Some(e), _) => Err(e),
+        // Nobody is available: the first member's own error says why.
+        (None, Some(first)) => first.token_answer(min_valid, Force::No).await,
+        (None, None) => Err(llmd_proto::RpcError::internal("empty pool")),
+    }
 }
 
 /// Forces a refresh (joining one already running) and returns the new token.

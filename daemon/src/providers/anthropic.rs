@@ -209,6 +209,7 @@ pub fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
         content: blocks,
         stop_reason: stop_reason(v.get("stop_reason").and_then(Value::as_str)),
         usage: u,
+        member: None,
     })
 }
 
@@ -223,6 +224,7 @@ pub async fn stream(
         content: Vec::new(),
         stop_reason: StopReason::Other,
         usage: Usage::default(),
+        member: None,
     };
     // Provider index -> (neutral index, block, accumulated tool JSON). Blocks without a
     // neutral shape are skipped, so neutral indexes count only the blocks we report.

@@ -436,6 +436,7 @@ pub fn parse_response(v: &Value, model: &str) -> Result<ChatResponse, ProviderEr
         content: asm.blocks,
         stop_reason: stop,
         usage: v.get("usageMetadata").map(usage).unwrap_or_default(),
+        member: None,
     })
 }
 
@@ -488,6 +489,7 @@ pub async fn stream(
         content: asm.blocks,
         stop_reason,
         usage: u.unwrap_or_default(),
+        member: None,
     })
 }
 
@@ -527,6 +529,7 @@ fn parse_embeddings(v: &Value) -> Result<EmbedResult, ProviderError> {
             .collect::<Result<_, _>>()?,
         // batchEmbedContents reports no token counts.
         usage: Usage::default(),
+        member: None,
     })
 }
 

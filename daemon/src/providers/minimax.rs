@@ -95,6 +95,7 @@ fn parse_embeddings(v: &Value) -> Result<EmbedResult, ProviderError> {
             input_tokens: v.get("total_tokens").and_then(Value::as_u64).unwrap_or(0),
             ..Usage::default()
         },
+        member: None,
     })
 }
 

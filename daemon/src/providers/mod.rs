@@ -562,6 +562,7 @@ pub async fn embed(
         return Ok(llmd_proto::chat::EmbedResult {
             embeddings: Vec::new(),
             usage: Default::default(),
+            member: None,
         });
     }
     // Embeddings reuse the chat plumbing (`post`), which only reads the HTTP parts of a call.

@@ -375,6 +375,7 @@ pub fn parse_response(v: &Value, who: &str) -> Result<ChatResponse, ProviderErro
         content,
         stop_reason: stop_reason(str_at(choice, "/finish_reason"), !calls.is_empty()),
         usage: v.get("usage").map(usage).unwrap_or_default(),
+        member: None,
     })
 }
 
@@ -517,6 +518,7 @@ pub async fn stream(
         content: Vec::new(),
         stop_reason: StopReason::Other,
         usage: Usage::default(),
+        member: None,
     };
     let mut asm = Assembly::default();
     let (mut finished, mut done) = (false, false);
@@ -624,6 +626,7 @@ pub(crate) fn parse_embeddings(v: &Value) -> Result<EmbedResult, ProviderError> 
                 .unwrap_or(0),
             ..Usage::default()
         },
+        member: None,
     })
 }
 
