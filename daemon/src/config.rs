@@ -18,6 +18,28 @@ pub struct Config {
     /// `[gateway]`: the HTTP gateway; off when absent.
     #[serde(default)]
     pub gateway: Option<GatewayConfig>,
+    /// `[usage]`: the usage ledger.
+    #[serde(default)]
+    pub usage: UsageConfig,
+}
+
+/// `[usage]`: the usage ledger (DESIGN.md, "Usage ledger").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Record requests at all (off: nothing is written; `usage` shows what is there).
+    pub enabled: bool,
+    /// Rows older than this many days are deleted (0: kept forever).
+    pub keep_days: u32,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            enabled: true,
+            keep_days: 90,
+        }
+    }
 }
 
 /// `[gateway]`: the providers' own HTTP APIs on loopback (DESIGN.md, "Gateway").
@@ -737,6 +759,7 @@ pub fn embedded_default() -> Config {
         daemon: DaemonConfig::default(),
         profiles,
         gateway: None,
+        usage: UsageConfig::default(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! retry rules of `crate::chat`. Answers come back unchanged; streams event by event.
 
 use super::errors::{GatewayError, Shape};
-use super::usage::{Seen, SseScanner};
+use super::usage::{Meter, Seen, SseScanner};
 use super::Gateway;
 use crate::chat::{Failure, Retries};
 use crate::config::Provider;
@@ -11,6 +11,7 @@ use crate::profile::Profile;
 use crate::providers;
 use crate::ratelimit::Permit;
 use crate::refresh::Force;
+use crate::usage::Outcome;
 use axum::body::{Body, Bytes};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -209,6 +210,7 @@ pub async fn forward(
     url: String,
     body: Bytes,
     shape: Shape,
+    meter: &Meter,
 ) -> Response {
     let estimate = estimate(&body);
     let mut retries = Retries::default();
@@ -273,9 +275,9 @@ pub async fn forward(
                             Some(first),
                         ),
                         Some(Ok(first)) => {
-                            return answer(status, &headers, body, Some(first), permit)
+                            return answer(status, &headers, body, Some(first), permit, meter)
                         }
-                        None => return answer(status, &headers, body, None, permit),
+                        None => return answer(status, &headers, body, None, permit, meter),
                         Some(Err(_)) => (
                             Failure {
                                 network: true,
@@ -293,7 +295,7 @@ pub async fn forward(
                             continue;
                         }
                         // Out of retries: the client gets what the provider sent.
-                        None => return answer(status, &headers, body, first, permit),
+                        None => return answer(status, &headers, body, first, permit, meter),
                     }
                 }
                 let headers = resp.headers().clone();
@@ -371,6 +373,7 @@ fn answer(
     inner: BoxStream<'static, reqwest::Result<Bytes>>,
     first: Option<Bytes>,
     permit: Permit,
+    meter: &Meter,
 ) -> Response {
     let sse = headers
         .get(header::CONTENT_TYPE)
@@ -387,6 +390,7 @@ fn answer(
         permit: Some(permit),
         held: None,
         first,
+        meter: Some(meter.clone()),
     };
     pass_back(status, headers, Body::from_stream(pass))
 }
@@ -446,9 +450,10 @@ impl Reader {
         }
     }
 
-    fn total(&self, complete: bool) -> Option<u64> {
+    /// The usage read; a JSON body only counts when it arrived whole.
+    fn seen(&self, complete: bool) -> Seen {
         match self {
-            Reader::Sse(s) => s.seen.total(),
+            Reader::Sse(s) => s.seen.clone(),
             Reader::Json(Some(buf)) if complete => {
                 let mut seen = Seen::default();
                 match serde_json::from_slice::<serde_json::Value>(buf) {
@@ -456,9 +461,9 @@ impl Reader {
                     Ok(v) => seen.read(&v),
                     Err(_) => {}
                 }
-                seen.total()
+                seen
             }
-            Reader::Json(_) => None,
+            Reader::Json(_) => Seen::default(),
         }
     }
 }
@@ -473,15 +478,26 @@ struct Pass {
     held: Option<Held>,
     /// The chunk read before the answer started, sent first.
     first: Option<Bytes>,
+    /// Records the request in the ledger when the answer ends (or is cut).
+    meter: Option<Meter>,
 }
 
 impl Pass {
     fn settle(&mut self, complete: bool) {
+        let seen = self.reader.seen(complete);
         if let Some(p) = self.permit.take() {
-            match self.reader.total(complete) {
+            match seen.total() {
                 Some(t) => p.settle(t),
                 None => drop(p),
             }
+        }
+        if let Some(m) = self.meter.take() {
+            let outcome = if complete {
+                Outcome::Ok
+            } else {
+                Outcome::Failed("cut_off")
+            };
+            m.record(outcome, &seen);
         }
     }
 }
@@ -593,13 +609,13 @@ mod tests {
         let mut r = Reader::Json(Some(Vec::new()));
         r.feed(br#"[{"usageMetadata": {"totalTokenCount": 5}},"#);
         r.feed(br#"{"usageMetadata": {"totalTokenCount": 9}}]"#);
-        assert_eq!(r.total(false), None, "a cut answer proves nothing");
-        assert_eq!(r.total(true), Some(9));
+        assert_eq!(r.seen(false).total(), None, "a cut answer proves nothing");
+        assert_eq!(r.seen(true).total(), Some(9));
         let mut r = Reader::Json(Some(Vec::new()));
         r.feed(br#"{"usage": {"input_tokens": 1, "output_tokens": 2}}"#);
         r.feed(&vec![b' '; MAX_USAGE_SCAN_BYTES]);
         assert!(matches!(r, Reader::Json(None)));
-        assert_eq!(r.total(true), None);
+        assert_eq!(r.seen(true).total(), None);
     }
 
     #[test]

@@ -228,6 +228,7 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             "missing or wrong llmd gateway key (see `llmctl gateway key`)".into(),
         ));
     };
+    let meter = usage::Meter::new(gw.daemon.clone(), name, &agent);
     *lock(&gw.requests).entry(agent).or_insert(0) += 1;
     let Some(profile) = profile else {
         return Err(err(
@@ -265,10 +266,10 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
     if parts.method == axum::http::Method::POST {
         let provider = profile.config.provider;
         if rest == "v1/chat/completions" && provider != Provider::OpenaiCompat {
-            return Ok(openai_facade::handle(gw.clone(), profile, body).await);
+            return Ok(openai_facade::handle(gw.clone(), profile, body, meter).await);
         }
         if rest == "v1/messages" && provider != Provider::Anthropic {
-            return Ok(anthropic_facade::handle(gw.clone(), profile, body).await);
+            return Ok(anthropic_facade::handle(gw.clone(), profile, body, meter).await);
         }
     }
     let Some(upstream) = forward::upstream_url(&profile, rest, query.as_deref()) else {
@@ -280,7 +281,15 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             ),
         ));
     };
-    Ok(forward::forward(gw, &profile, parts, upstream, body, shape).await)
+    let resp = forward::forward(gw, &profile, parts, upstream, body, shape, &meter).await;
+    if !resp.status().is_success() {
+        // A success is recorded by its body when it ends; a failure ends here.
+        meter.record(
+            crate::usage::Outcome::Http(resp.status().as_u16()),
+            &usage::Seen::default(),
+        );
+    }
+    Ok(resp)
 }
 
 /// A response with a JSON body.

@@ -5,11 +5,16 @@ use super::{ok, parse, Ctx, Reply};
 use crate::chat;
 use crate::providers::DeltaSink;
 use crate::server::connection::Conn;
-use llmd_proto::chat::{ChatDelta, ChatParams, Delta, EmbedParams};
+use crate::sync::lock;
+use crate::usage::{self, Outcome};
+use llmd_proto::chat::{
+    ChatDelta, ChatParams, ChatResponse, Delta, EmbedParams, EmbedResult, Usage,
+};
 use llmd_proto::methods::names;
 use llmd_proto::{encode_line, Id, Notification, RpcError};
 use serde_json::value::RawValue;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Streams deltas to the connection as `chat.delta` notifications.
 struct ConnSink {
@@ -55,14 +60,71 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
         }
         (false, _) => None,
     };
-    let resp = chat::execute(
+    let started = Instant::now();
+    let result = chat::execute(
         &ctx.daemon,
         &profile,
         &p.request,
         sink.as_ref().map(|s| s as &dyn DeltaSink),
     )
-    .await?;
-    ok(&resp)
+    .await;
+    let asked = p
+        .request
+        .model
+        .as_deref()
+        .or(profile.config.default_model.as_deref());
+    record(ctx, &p.profile, names::CHAT, started, asked, &result);
+    ok(&result?)
+}
+
+/// Queues the ledger row of a `chat` or `embed` call.
+fn record<T: Answered>(
+    ctx: &Ctx,
+    profile: &str,
+    method: &'static str,
+    started: Instant,
+    asked: Option<&str>,
+    result: &Result<T, RpcError>,
+) {
+    let agent = lock(&ctx.conn.client).clone();
+    let (usage, model, kind) = match result {
+        Ok(r) => (r.usage(), r.model().or(asked), None),
+        Err(e) => (Usage::default(), asked, Some(e.kind())),
+    };
+    ctx.daemon.usage.record(&usage::Request {
+        profile,
+        member: None,
+        agent: agent.as_deref(),
+        method,
+        model,
+        usage,
+        outcome: kind.map_or(Outcome::Ok, |k| Outcome::Failed(k.as_str())),
+        latency: started.elapsed(),
+    });
+}
+
+/// What the ledger reads from an answer.
+trait Answered {
+    fn usage(&self) -> Usage;
+    fn model(&self) -> Option<&str>;
+}
+
+impl Answered for ChatResponse {
+    fn usage(&self) -> Usage {
+        self.usage
+    }
+    fn model(&self) -> Option<&str> {
+        Some(&self.model)
+    }
+}
+
+impl Answered for EmbedResult {
+    fn usage(&self) -> Usage {
+        self.usage
+    }
+    fn model(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Embeds texts with the profile's provider.
@@ -80,6 +142,24 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
             p.profile
         )));
     }
+    let started = Instant::now();
+    let result = embed_on(ctx, &profile, &p).await;
+    record(
+        ctx,
+        &p.profile,
+        names::EMBED,
+        started,
+        p.model.as_deref(),
+        &result,
+    );
+    ok(&result?)
+}
+
+async fn embed_on(
+    ctx: &Ctx,
+    profile: &crate::profile::Profile,
+    p: &EmbedParams,
+) -> Result<EmbedResult, RpcError> {
     let token = profile.token(60, crate::refresh::Force::No).await?;
     let timeouts = crate::providers::Timeouts::from(&profile.config.timeouts);
     let secrets = chat::known_secrets(&token);
@@ -99,5 +179,5 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     )
     .await
     .map_err(|e| chat::to_rpc(e, &secrets))?;
-    ok(&result)
+    Ok(result)
 }

@@ -3,8 +3,10 @@
 use super::{parse, Ctx, Reply};
 use crate::profile::Answer;
 use crate::refresh::Force;
+use crate::server::connection::Conn;
 use crate::server::{Ready, SharedJson};
 use crate::state::Daemon;
+use crate::sync::lock;
 use llmd_proto::methods::{ProfileParams, TokenParams};
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ impl SharedJson for Answer {
 
 /// The `token` answer when it needs no waiting (see [`crate::profile::Profile::ready_answer`]);
 /// bad params and unknown profiles are answered at once too.
-pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
+pub fn ready(daemon: &Daemon, conn: &Conn, params: Option<&RawValue>) -> Option<Ready> {
     let p: TokenParams = match parse(params) {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
@@ -27,16 +29,27 @@ pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
         Err(e) => return Some(Err(e)),
     };
     let answer = profile.ready_answer(p.min_valid_secs.unwrap_or(0))?;
+    if answer.is_ok() {
+        count(daemon, conn, &p.profile);
+    }
     Some(answer.map(|a| a as Arc<dyn SharedJson>))
+}
+
+/// Counts a served `token` call for the ledger (a counter, not a row).
+fn count(daemon: &Daemon, conn: &Conn, profile: &str) {
+    let agent = lock(&conn.client);
+    daemon.usage.count_token(profile, agent.as_deref());
 }
 
 /// A token valid for `min_valid_secs` (default 0), refreshing first only when needed.
 pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: TokenParams = parse(params)?;
     let profile = ctx.daemon.profile(&p.profile)?;
-    profile
+    let answer = profile
         .token_answer(p.min_valid_secs.unwrap_or(0), Force::No)
-        .await
+        .await?;
+    count(&ctx.daemon, &ctx.conn, &p.profile);
+    Ok(answer)
 }
 
 /// Forces a refresh (joining one already running) and returns the new token.
