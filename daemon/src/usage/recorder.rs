@@ -66,8 +66,11 @@ enum Msg {
 /// call of a profile and agent.
 #[derive(Default)]
 struct TokenCounters {
-    by_profile: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, u64>>>,
+    by_profile: Mutex<HashMap<Arc<str>, ByAgent>>,
 }
+
+/// Calls by agent name.
+type ByAgent = HashMap<Arc<str>, u64>;
 
 impl TokenCounters {
     fn bump(&self, profile: &str, agent: &str) {
