@@ -182,7 +182,8 @@ pub fn table(r: &UsageResult) -> String {
             "\nTokens per {} (UTC)\n",
             if hourly { "hour" } else { "day" }
         ));
-        for b in &r.buckets {
+        // Hours or days before the first use say nothing: the chart starts at the first.
+        for b in r.buckets.iter().skip_while(|b| b.tokens == 0) {
             out.push_str(&format!(
                 "{}  {:>7}  {}\n",
                 bucket_label(b.start, hourly),

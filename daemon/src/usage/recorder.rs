@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const QUEUE_ROWS: usize = 65_536;
 /// Rows written per transaction at most.
 const BATCH_ROWS: usize = 4_096;
+/// How long the writer waits for more rows before it commits the ones it has.
+const GATHER: Duration = Duration::from_millis(20);
 /// How often the `token` counters are written.
 const COUNTER_FLUSH: Duration = Duration::from_secs(10);
 /// How often old rows are deleted.
@@ -315,16 +317,16 @@ fn write_loop(mut ledger: Ledger, rx: mpsc::Receiver<Msg>, shared: &Shared) {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stop = true,
             Err(RecvTimeoutError::Timeout) => counters_due = true,
         }
-        // Whatever else is queued joins this transaction.
-        while !stop && rows.len() < BATCH_ROWS {
-            match rx.try_recv() {
+        // Rows arriving in the next moment join this transaction: one commit per burst
+        // instead of one per request. A flush or stop ends the wait at once.
+        let gather_until = std::time::Instant::now() + GATHER;
+        while !stop && acks.is_empty() && !rows.is_empty() && rows.len() < BATCH_ROWS {
+            let left = gather_until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(Msg::Row(r)) => rows.push(r),
-                Ok(Msg::Flush(ack)) => {
-                    acks.push(ack);
-                    break;
-                }
-                Ok(Msg::Stop) => stop = true,
-                Err(_) => break,
+                Ok(Msg::Flush(ack)) => acks.push(ack),
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stop = true,
+                Err(RecvTimeoutError::Timeout) => break,
             }
         }
         if stop {
@@ -364,4 +366,79 @@ fn write_loop(mut ledger: Ledger, rx: mpsc::Receiver<Msg>, shared: &Shared) {
 
 fn write(ledger: &mut Ledger, rows: &[Row], counts: &[TokenCount]) -> Result<(), LedgerError> {
     ledger.write(rows, counts, now_ms().div_euclid(86_400_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request<'static> {
+        Request {
+            profile: "p",
+            member: None,
+            agent: Some("a"),
+            method: "chat",
+            model: None,
+            usage: Usage::default(),
+            outcome: Outcome::Ok,
+            latency: Duration::ZERO,
+        }
+    }
+
+    fn recorder(tx: SyncSender<Msg>) -> Recorder {
+        Recorder {
+            path: PathBuf::new(),
+            tx: Some(tx),
+            shared: Arc::new(Shared {
+                counters: TokenCounters::default(),
+                enabled: AtomicBool::new(true),
+                keep_days: AtomicU32::new(90),
+                dropped: AtomicU64::new(0),
+            }),
+            writer: Mutex::new(None),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let r = recorder(tx);
+        for _ in 0..5 {
+            r.record(&request());
+        }
+        assert_eq!(r.dropped(), 3);
+        assert_eq!(rx.try_iter().count(), 2);
+    }
+
+    #[test]
+    fn token_counts_add_up_and_reset_without_losing_their_slots() {
+        let (tx, _rx) = mpsc::sync_channel(1);
+        let r = recorder(tx);
+        for _ in 0..3 {
+            r.count_token("p", Some("a"));
+        }
+        r.count_token("p", None);
+        let mut counts = r.shared.counters.take();
+        counts.sort_by(|a, b| a.agent.cmp(&b.agent));
+        let got: Vec<_> = counts.iter().map(|c| (c.agent.as_str(), c.calls)).collect();
+        assert_eq!(got, [("-", 1), ("a", 3)]);
+        assert!(r.shared.counters.take().is_empty(), "taken counts are zeroed");
+        r.shared.counters.give_back(counts);
+        assert_eq!(r.shared.counters.take().len(), 2, "a failed write keeps them");
+    }
+
+    #[test]
+    fn a_disabled_recorder_queues_nothing() {
+        let (tx, rx) = mpsc::sync_channel(8);
+        let r = recorder(tx);
+        r.configure(&crate::config::UsageConfig {
+            enabled: false,
+            keep_days: 90,
+        });
+        r.record(&request());
+        r.count_token("p", None);
+        assert_eq!(rx.try_iter().count(), 0);
+        assert!(r.shared.counters.take().is_empty());
+    }
 }
