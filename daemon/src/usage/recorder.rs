@@ -17,8 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const QUEUE_ROWS: usize = 65_536;
 /// Rows written per transaction at most.
 const BATCH_ROWS: usize = 4_096;
-/// How long the writer waits for more rows before it commits the ones it has.
-const GATHER: Duration = Duration::from_millis(20);
+/// How long the writer waits for more rows before it commits the ones it has: long enough
+/// that a burst of requests is written after it, not while it competes for the CPU.
+const GATHER: Duration = Duration::from_millis(200);
 /// How often the `token` counters are written.
 const COUNTER_FLUSH: Duration = Duration::from_secs(10);
 /// How often old rows are deleted.
@@ -423,9 +424,16 @@ mod tests {
         counts.sort_by(|a, b| a.agent.cmp(&b.agent));
         let got: Vec<_> = counts.iter().map(|c| (c.agent.as_str(), c.calls)).collect();
         assert_eq!(got, [("-", 1), ("a", 3)]);
-        assert!(r.shared.counters.take().is_empty(), "taken counts are zeroed");
+        assert!(
+            r.shared.counters.take().is_empty(),
+            "taken counts are zeroed"
+        );
         r.shared.counters.give_back(counts);
-        assert_eq!(r.shared.counters.take().len(), 2, "a failed write keeps them");
+        assert_eq!(
+            r.shared.counters.take().len(),
+            2,
+            "a failed write keeps them"
+        );
     }
 
     #[test]
