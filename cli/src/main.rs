@@ -6,6 +6,7 @@ mod fail;
 mod gateway;
 mod place;
 mod ui;
+mod usage;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
@@ -197,6 +198,9 @@ enum Cmd {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
     },
+    /// What your agents used: requests and tokens by profile, agent, model or day, with a
+    /// chart per hour (windows up to 48h) or per day.
+    Usage(usage::UsageArgs),
     /// Print shell completions, with profile names completed from the running daemon.
     Completions {
         /// Shell: bash, zsh, fish, elvish or powershell.
@@ -758,6 +762,7 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         Cmd::Gateway { cmd } => {
             gateway::run(&client, cmd).await.map_err(Fail::other)?;
         }
+        Cmd::Usage(args) => usage::run(&client, args, json).await?,
         Cmd::Env {
             gateway: Some(profile),
             agent,

@@ -27,7 +27,7 @@ use connection::Connection;
 use llmd_proto::methods::{
     names, CredentialsSetParams, Empty, Event, HelloParams, HelloResult, LoginFinishParams,
     LoginFinishResult, LoginStartResult, ProfileParams, ReloadResult, StatusResult,
-    SubscribeParams, TokenParams, TokenResult,
+    SubscribeParams, TokenParams, TokenResult, UsageBy, UsageParams, UsageResult,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -117,6 +117,16 @@ impl Client {
     /// Daemon and profile state.
     pub async fn status(&self) -> Result<StatusResult, Error> {
         self.call(names::STATUS, &Empty {}).await
+    }
+
+    /// What the usage ledger holds since `since` (`24h`, `7d`, `YYYY-MM-DD`; default
+    /// `24h`), grouped `by`.
+    pub async fn usage(&self, since: Option<&str>, by: UsageBy) -> Result<UsageResult, Error> {
+        let params = UsageParams {
+            since: since.map(str::to_owned),
+            by,
+        };
+        self.call(names::USAGE, &params).await
     }
 
     /// A token valid for at least `min_valid_secs`, with its provider headers.

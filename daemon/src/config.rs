@@ -18,14 +18,19 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     /// `[gateway]`: the HTTP gateway; off when absent.
     pub gateway: Option<GatewayConfig>,
-    /// `[usage]`
+    /// `[usage]`: the usage ledger and quota warnings.
     pub usage: UsageConfig,
 }
 
-/// `[usage]`: what llmd watches of the traffic it carries.
+/// `[usage]`: what llmd records and watches of the traffic it carries (DESIGN.md, "Usage
+/// ledger", "Quotas").
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {
+    /// Record requests at all (off: nothing is written; `usage` shows what is there).
+    pub enabled: bool,
+    /// Rows older than this many days are deleted (0: kept forever).
+    pub keep_days: u32,
     /// Quota shares (0 < x ≤ 1) whose upward crossing fires `profile.quota`; the highest
     /// is also where a pool stops picking a member.
     pub warn_at: Vec<f64>,
@@ -34,6 +39,8 @@ pub struct UsageConfig {
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
+            enabled: true,
+            keep_days: 90,
             warn_at: vec![0.8, 0.95],
         }
     }

@@ -27,4 +27,5 @@ pub mod state;
 pub mod sync;
 pub mod systemd;
 pub mod tools;
+pub mod usage;
 pub mod watch;

@@ -140,6 +140,8 @@ async fn run(args: Args, manager: Manager) -> Result<(), String> {
         daemon.registry().config.daemon.refresh_timeout_secs,
     )) + Duration::from_secs(1);
     daemon.stop_logins(refresh_limit.min(grace)).await;
+    // Rows of the requests that just finished are still queued: they go to disk now.
+    daemon.usage.close(Duration::from_secs(10)).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -60,6 +60,8 @@ pub struct Daemon {
     pub tools: ToolRegistry,
     /// The HTTP gateway, once started.
     pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
+    /// The usage ledger's request side.
+    pub usage: crate::usage::Recorder,
     config_path: PathBuf,
     config_explicit: bool,
     /// Read by every request of every connection, replaced only by a reload: a lock-free
@@ -99,6 +101,7 @@ impl Daemon {
             pending_logins: Mutex::new(HashMap::new()),
             tools: ToolRegistry::load(state_dir.join("tools.json")),
             gateway: std::sync::OnceLock::new(),
+            usage: crate::usage::Recorder::start(&state_dir, &config.usage),
             config_path,
             config_explicit,
             registry: ArcSwap::from_pointee(empty),
@@ -296,6 +299,7 @@ impl Daemon {
             })
             .collect();
         self.watcher.set_targets(targets);
+        self.usage.configure(&config.usage);
         let skip_at = config.usage.skip_at();
         let pools = config
             .pools

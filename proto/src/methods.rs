@@ -44,6 +44,8 @@ pub mod names {
     pub const TOOLS_REMOVE: &str = "tools.remove";
     /// `gateway.key`
     pub const GATEWAY_KEY: &str = "gateway.key";
+    /// `usage`
+    pub const USAGE: &str = "usage";
 }
 
 /// `hello` params.
@@ -321,6 +323,180 @@ pub struct GatewayKeyResult {
     pub base_url: Option<String>,
 }
 
+/// How `usage` groups its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageBy {
+    /// One row per profile.
+    #[default]
+    Profile,
+    /// One row per agent (`hello` name or named gateway key).
+    Agent,
+    /// One row per model.
+    Model,
+    /// One row per UTC day.
+    Day,
+    /// One row per pool member that answered (`pool/member`); the profile for requests
+    /// that were not served by a pool.
+    Member,
+}
+
+/// `usage` params.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    /// Start of the window: `24h`, `7d`, `90m`, or a UTC date `YYYY-MM-DD`. Default `24h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Grouping of `rows`; default `profile`.
+    #[serde(default)]
+    pub by: UsageBy,
+}
+
+/// Request and token counts of a group of ledger rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// Requests recorded.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// Prompt tokens read from cache.
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to cache.
+    pub cache_write_tokens: u64,
+}
+
+/// One group of `usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The profile, agent, model or day (`YYYY-MM-DD`) of the group; `-` when unknown.
+    pub key: String,
+    /// Its counts.
+    #[serde(flatten)]
+    pub totals: UsageTotals,
+}
+
+/// One bar of the chart: an hour or a day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageBucket {
+    /// Start of the bucket, Unix seconds (UTC).
+    pub start: u64,
+    /// Requests in it.
+    pub requests: u64,
+    /// All tokens in it (input, output, cache read and write).
+    pub tokens: u64,
+}
+
+/// `token` calls of one profile and agent (counted, not recorded one by one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCalls {
+    /// Profile.
+    pub profile: String,
+    /// Agent; `-` for connections that sent no `hello`.
+    pub agent: String,
+    /// Calls in the window (whole days: the counters are kept per day).
+    pub calls: u64,
+}
+
+/// `usage` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageResult {
+    /// Start of the window, Unix seconds.
+    pub since: u64,
+    /// How `rows` are grouped.
+    pub by: UsageBy,
+    /// Groups, largest token count first (by day: oldest first).
+    pub rows: Vec<UsageRow>,
+    /// Sum of all rows.
+    pub totals: UsageTotals,
+    /// `hour` or `day`: the size of each bucket.
+    pub bucket: String,
+    /// Chart buckets, oldest first, empty ones included.
+    pub buckets: Vec<UsageBucket>,
+    /// `token` calls by profile and agent.
+    pub token_calls: Vec<TokenCalls>,
+    /// Records lost since the daemon started because the ledger's queue was full.
+    pub dropped: u64,
+    /// False when `[usage] enabled = false`: nothing new is being recorded.
+    pub enabled: bool,
+}
+
+/// Why a `since` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`since` must be a duration like `24h`, `7d`, `90m` or a UTC date `YYYY-MM-DD`, not `{0}`")]
+pub struct BadSince(pub String);
+
+/// The start (Unix seconds) of the window `since` names, as seen at `now`.
+pub fn parse_since(since: &str, now: u64) -> Result<u64, BadSince> {
+    let bad = || BadSince(since.chars().take(40).collect());
+    let s = since.trim();
+    if let Some((y, rest)) = s.split_once('-') {
+        let (m, d) = rest.split_once('-').ok_or_else(bad)?;
+        let num = |t: &str| {
+            t.parse::<i64>()
+                .ok()
+                .filter(|_| t.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let (y, m, d) = (
+            num(y).ok_or_else(bad)?,
+            num(m).ok_or_else(bad)?,
+            num(d).ok_or_else(bad)?,
+        );
+        if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+            return Err(bad());
+        }
+        let days = days_from_civil(y, m, d);
+        return u64::try_from(days * 86_400).map_err(|_| bad());
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    Ok(now.saturating_sub(n.saturating_mul(secs)))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The UTC date `YYYY-MM-DD` of a day number (inverse of [`days_from_civil`]).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
+}
+
 /// Params naming one profile (`refresh`, `login.start`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -535,6 +711,18 @@ pub struct Empty {}
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn since_durations_and_dates() {
+        let now = 1_800_000_000;
+        assert_eq!(parse_since("24h", now), Ok(now - 86_400));
+        assert_eq!(parse_since("7d", now), Ok(now - 7 * 86_400));
+        assert_eq!(parse_since("2026-12-01", now), Ok(1_796_083_200));
+        assert_eq!(civil_from_days(1_796_083_200 / 86_400), (2026, 12, 1));
+        for bad in ["", "24", "h", "3y", "2026-13-01", "2026-1x-01", "-1d"] {
+            assert!(parse_since(bad, now).is_err(), "{bad}");
+        }
+    }
     use super::*;
 
     #[test]

@@ -315,3 +315,37 @@ fn a_pool_mixing_providers_is_refused_at_config_load() {
         "{err}"
     );
 }
+
+/// The ledger records which member answered: chats on the first member, then moved from
+/// it once it is rate-limited, grouped `by member`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_records_the_member_that_answered() {
+    let (fa, fb) = (FakeProviders::start().await, FakeProviders::start().await);
+    let cfg = member("a", &fa) + &member("b", &fb) + &pool(&["a", "b"], "fill-first", "");
+    let d = start(&cfg, &["a", "b"]);
+    let c = d.client().await;
+    assert_eq!(member_of(&c).await, "a");
+    fa.fail_next(
+        1,
+        Failure::RateLimited {
+            retry_after_secs: 600,
+        },
+    );
+    assert_eq!(member_of(&c).await, "b");
+    assert_eq!(member_of(&c).await, "b");
+    let u = c
+        .usage(None, llmd_proto::methods::UsageBy::Member)
+        .await
+        .expect("usage");
+    let mut rows: Vec<(String, u64)> = u
+        .rows
+        .iter()
+        .map(|r| (r.key.clone(), r.totals.requests))
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [("team/a".to_string(), 1), ("team/b".to_string(), 2)],
+        "{u:?}"
+    );
+}

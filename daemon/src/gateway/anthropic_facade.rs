@@ -5,6 +5,7 @@
 
 use super::errors::{GatewayError, Shape};
 use super::translate::{self, sse, Encoder};
+use super::usage::Meter;
 use super::Gateway;
 use crate::chat;
 use crate::profile::Profile;
@@ -250,7 +251,12 @@ pub fn error_response(e: &RpcError) -> Response {
 }
 
 /// Serves a translated `/v1/messages` on `profile`.
-pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Response {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    profile: Arc<Profile>,
+    body: Bytes,
+    meter: Meter,
+) -> Response {
     let parsed = serde_json::from_slice::<Value>(&body)
         .map_err(|e| format!("the body is not JSON: {e}"))
         .and_then(|v| to_neutral(&v));
@@ -262,7 +268,9 @@ pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Res
         }
     };
     if !stream {
-        return match chat::execute(&gw.daemon, &profile, &req, None).await {
+        let result = chat::execute(&gw.daemon, &profile, &req, None).await;
+        translate::record(&meter, &profile, &req, &result);
+        return match result {
             Ok(resp) => super::json_response(StatusCode::OK, &message(&resp)),
             Err(e) => error_response(&e),
         };
@@ -272,7 +280,15 @@ pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Res
         .clone()
         .or_else(|| profile.config.default_model.clone())
         .unwrap_or_default();
-    translate::stream(gw, profile, req, MessageEncoder::new(model), error_response).await
+    translate::stream(
+        gw,
+        profile,
+        req,
+        meter,
+        MessageEncoder::new(model),
+        error_response,
+    )
+    .await
 }
 
 /// What kind of block is open in the outgoing stream.

@@ -3,7 +3,7 @@
 //! retry rules of `crate::chat`. Answers come back unchanged; streams event by event.
 
 use super::errors::{GatewayError, Shape};
-use super::usage::{Seen, SseScanner};
+use super::usage::{Meter, Seen, SseScanner};
 use super::Gateway;
 use crate::chat::{Failure, Retries};
 use crate::config::Provider;
@@ -11,6 +11,7 @@ use crate::profile::Profile;
 use crate::providers;
 use crate::ratelimit::Permit;
 use crate::refresh::Force;
+use crate::usage::Outcome;
 use axum::body::{Body, Bytes};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -203,6 +204,7 @@ pub fn rpc_error(shape: Shape, e: RpcError) -> Response {
 }
 
 /// Forwards one request to `url` for `profile`.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
     gw: &Gateway,
     profile: &Arc<Profile>,
@@ -211,6 +213,7 @@ pub async fn forward(
     body: Bytes,
     shape: Shape,
     mode: crate::chat::Mode,
+    meter: &Meter,
 ) -> Response {
     let estimate = estimate(&body);
     let mut retries = Retries::default();
@@ -280,9 +283,9 @@ pub async fn forward(
                             Some(first),
                         ),
                         Some(Ok(first)) => {
-                            return answer(status, &headers, body, Some(first), permit, idle)
+                            return answer(status, &headers, body, Some(first), permit, idle, meter)
                         }
-                        None => return answer(status, &headers, body, None, permit, idle),
+                        None => return answer(status, &headers, body, None, permit, idle, meter),
                         Some(Err(_)) => (
                             Failure {
                                 network: true,
@@ -300,7 +303,7 @@ pub async fn forward(
                             continue;
                         }
                         // Out of retries: the client gets what the provider sent.
-                        None => return answer(status, &headers, body, first, permit, idle),
+                        None => return answer(status, &headers, body, first, permit, idle, meter),
                     }
                 }
                 let headers = resp.headers().clone();
@@ -402,6 +405,7 @@ fn answer(
     first: Option<Bytes>,
     permit: Permit,
     idle: Idle,
+    meter: &Meter,
 ) -> Response {
     let sse = headers
         .get(header::CONTENT_TYPE)
@@ -420,6 +424,7 @@ fn answer(
         first,
         silence: Box::pin(tokio::time::sleep(idle.after)),
         idle,
+        meter: Some(meter.clone()),
     };
     pass_back(status, headers, Body::from_stream(pass))
 }
@@ -463,9 +468,10 @@ impl Reader {
         }
     }
 
-    fn total(&self, complete: bool) -> Option<u64> {
+    /// The usage read; a JSON body only counts when it arrived whole.
+    fn seen(&self, complete: bool) -> Seen {
         match self {
-            Reader::Sse(s) => s.seen.total(),
+            Reader::Sse(s) => s.seen.clone(),
             Reader::Json(Some(buf)) if complete => {
                 let mut seen = Seen::default();
                 match serde_json::from_slice::<serde_json::Value>(buf) {
@@ -473,9 +479,9 @@ impl Reader {
                     Ok(v) => seen.read(&v),
                     Err(_) => {}
                 }
-                seen.total()
+                seen
             }
-            Reader::Json(_) => None,
+            Reader::Json(_) => Seen::default(),
         }
     }
 }
@@ -495,15 +501,26 @@ struct Pass {
     /// being held by a stalled provider for good.
     silence: Pin<Box<tokio::time::Sleep>>,
     idle: Idle,
+    /// Records the request in the ledger when the answer ends (or is cut).
+    meter: Option<Meter>,
 }
 
 impl Pass {
     fn settle(&mut self, complete: bool) {
+        let seen = self.reader.seen(complete);
         if let Some(p) = self.permit.take() {
-            match self.reader.total(complete) {
+            match seen.total() {
                 Some(t) => p.settle(t),
                 None => drop(p),
             }
+        }
+        if let Some(m) = self.meter.take() {
+            let outcome = if complete {
+                Outcome::Ok
+            } else {
+                Outcome::Failed("cut_off")
+            };
+            m.record(outcome, &seen);
         }
     }
 }
@@ -633,13 +650,13 @@ mod tests {
         let mut r = Reader::Json(Some(Vec::new()));
         r.feed(br#"[{"usageMetadata": {"totalTokenCount": 5}},"#);
         r.feed(br#"{"usageMetadata": {"totalTokenCount": 9}}]"#);
-        assert_eq!(r.total(false), None, "a cut answer proves nothing");
-        assert_eq!(r.total(true), Some(9));
+        assert_eq!(r.seen(false).total(), None, "a cut answer proves nothing");
+        assert_eq!(r.seen(true).total(), Some(9));
         let mut r = Reader::Json(Some(Vec::new()));
         r.feed(br#"{"usage": {"input_tokens": 1, "output_tokens": 2}}"#);
         r.feed(&vec![b' '; MAX_USAGE_SCAN_BYTES]);
         assert!(matches!(r, Reader::Json(None)));
-        assert_eq!(r.total(true), None);
+        assert_eq!(r.seen(true).total(), None);
     }
 
     #[test]

@@ -236,6 +236,7 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             "missing or wrong llmd gateway key (see `llmctl gateway key`)".into(),
         ));
     };
+    let meter = usage::Meter::new(gw.daemon.clone(), name, &agent);
     *lock(&gw.requests).entry(agent.clone()).or_insert(0) += 1;
     let Some(profile) = profile else {
         return Err(err(
@@ -273,9 +274,12 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
             || (rest == "v1/messages" && provider != Provider::Anthropic);
         if facade {
             // A translated request goes to the pool's first pick and does not move on.
-            let profile = match &pool {
+            let (profile, meter) = match &pool {
                 Some(pool) => match first_pick(pool, &agent) {
-                    Some(m) => m,
+                    Some(m) => {
+                        let meter = meter.for_member(&m.name);
+                        (m, meter)
+                    }
                     None => {
                         return Err(err(
                             StatusCode::FORBIDDEN,
@@ -283,12 +287,12 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
                         ))
                     }
                 },
-                None => profile,
+                None => (profile, meter),
             };
             return Ok(if rest == "v1/messages" {
-                anthropic_facade::handle(gw.clone(), profile, body).await
+                anthropic_facade::handle(gw.clone(), profile, body, meter).await
             } else {
-                openai_facade::handle(gw.clone(), profile, body).await
+                openai_facade::handle(gw.clone(), profile, body, meter).await
             });
         }
     }
@@ -302,9 +306,18 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
         ));
     };
     let Some(pool) = pool else {
-        return Ok(
-            forward::forward(gw, &profile, &parts, upstream, body, shape, Mode::Alone).await,
-        );
+        let resp = forward::forward(
+            gw,
+            &profile,
+            &parts,
+            upstream,
+            body,
+            shape,
+            Mode::Alone,
+            &meter,
+        )
+        .await;
+        return Ok(record_failure(&meter, resp));
     };
     Ok(forward_pool(
         gw,
@@ -315,8 +328,20 @@ async fn serve(l: &Listener, req: Request) -> Result<Response, GatewayError> {
         query.as_deref(),
         body,
         shape,
+        &meter,
     )
     .await)
+}
+
+/// A success is recorded by its body when it ends; a failure ends here.
+fn record_failure(meter: &usage::Meter, resp: Response) -> Response {
+    if !resp.status().is_success() {
+        meter.record(
+            crate::usage::Outcome::Http(resp.status().as_u16()),
+            &usage::Seen::default(),
+        );
+    }
+    resp
 }
 
 /// The member a translated gateway request of `agent` goes to.
@@ -357,6 +382,7 @@ async fn forward_pool(
     query: Option<&str>,
     body: axum::body::Bytes,
     shape: Shape,
+    meter: &usage::Meter,
 ) -> Response {
     let plan = pool.plan(Some(agent));
     let fallback = pool.fallback();
@@ -382,7 +408,18 @@ async fn forward_pool(
         } else {
             mode
         };
-        let resp = forward::forward(gw, member, parts, url, body.clone(), shape, mode).await;
+        let member_meter = meter.for_member(&member.name);
+        let resp = forward::forward(
+            gw,
+            member,
+            parts,
+            url,
+            body.clone(),
+            shape,
+            mode,
+            &member_meter,
+        )
+        .await;
         let status = resp.status();
         if status.is_success() {
             pool.served(i, Some(agent));
@@ -392,19 +429,22 @@ async fn forward_pool(
             && (status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::UNAUTHORIZED)
         {
             tracing::info!(pool = %pool.name, member = %member.name, status = status.as_u16(), "pool member failed; trying the next");
-            last = Some(resp);
+            last = Some((resp, member_meter));
             continue;
         }
-        return resp;
+        return record_failure(&member_meter, resp);
     }
-    last.unwrap_or_else(|| {
+    if let Some((resp, member_meter)) = last {
+        return record_failure(&member_meter, resp);
+    }
+    {
         GatewayError::new(
             StatusCode::NOT_FOUND,
             shape,
             format!("`/{rest}` is not an API path the gateway forwards"),
         )
         .into_response()
-    })
+    }
 }
 
 /// A response with a JSON body.

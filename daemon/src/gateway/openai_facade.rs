@@ -4,6 +4,7 @@
 
 use super::errors::{GatewayError, Shape};
 use super::translate::{self, Encoder};
+use super::usage::Meter;
 use super::Gateway;
 use crate::chat;
 use crate::profile::Profile;
@@ -323,7 +324,12 @@ pub fn error_response(e: &RpcError) -> Response {
 }
 
 /// Serves a translated `/v1/chat/completions` on `profile`.
-pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Response {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    profile: Arc<Profile>,
+    body: Bytes,
+    meter: Meter,
+) -> Response {
     let parsed = serde_json::from_slice::<Value>(&body)
         .map_err(|e| format!("the body is not JSON: {e}"))
         .and_then(|v| to_neutral(&v));
@@ -335,7 +341,9 @@ pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Res
     };
     if !opts.stream {
         // Dropped with the request when the client hangs up, which aborts the upstream call.
-        return match chat::execute(&gw.daemon, &profile, &req, None).await {
+        let result = chat::execute(&gw.daemon, &profile, &req, None).await;
+        translate::record(&meter, &profile, &req, &result);
+        return match result {
             Ok(resp) => super::json_response(StatusCode::OK, &completion(&resp)),
             Err(e) => error_response(&e),
         };
@@ -344,7 +352,7 @@ pub async fn handle(gw: Arc<Gateway>, profile: Arc<Profile>, body: Bytes) -> Res
         include_usage: opts.include_usage,
         ..ChunkEncoder::default()
     };
-    translate::stream(gw, profile, req, enc, error_response).await
+    translate::stream(gw, profile, req, meter, enc, error_response).await
 }
 
 /// Turns deltas into `chat.completion.chunk` events.

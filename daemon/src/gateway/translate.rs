@@ -3,11 +3,13 @@
 //! before the first event, so a failure up to then (after the retries) becomes an HTTP
 //! error; the task is aborted when the client hangs up.
 
+use super::usage::Meter;
 use super::Gateway;
 use crate::chat;
 use crate::profile::Profile;
 use crate::providers::DeltaSink;
 use crate::sync::lock;
+use crate::usage::Outcome;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -62,12 +64,34 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Records a translated request in the usage ledger.
+pub fn record(
+    meter: &Meter,
+    profile: &Profile,
+    req: &ChatRequest,
+    result: &Result<ChatResponse, RpcError>,
+) {
+    let asked = req
+        .model
+        .as_deref()
+        .or(profile.config.default_model.as_deref());
+    match result {
+        Ok(r) => meter.record_usage(Outcome::Ok, r.usage, Some(&r.model)),
+        Err(e) => meter.record_usage(
+            Outcome::Failed(e.kind().as_str()),
+            llmd_proto::chat::Usage::default(),
+            asked,
+        ),
+    }
+}
+
 /// Runs `req` on `profile` as a stream encoded by `enc`; `error_response` answers a
 /// failure that comes before the first event.
 pub async fn stream<E: Encoder>(
     gw: Arc<Gateway>,
     profile: Arc<Profile>,
     req: ChatRequest,
+    meter: Meter,
     enc: E,
     error_response: fn(&RpcError) -> Response,
 ) -> Response {
@@ -78,6 +102,7 @@ pub async fn stream<E: Encoder>(
     };
     let task = tokio::spawn(async move {
         let result = chat::execute(&gw.daemon, &profile, &req, Some(&sink)).await;
+        record(&meter, &profile, &req, &result);
         let msg = match result {
             Ok(resp) => Msg::Data(lock(&sink.enc).finish(&resp).into()),
             Err(e) => {

@@ -9,11 +9,16 @@ use crate::profile::Profile;
 use crate::providers::DeltaSink;
 use crate::server::connection::Conn;
 use crate::state::Target;
-use llmd_proto::chat::{ChatDelta, ChatParams, ChatResponse, Delta, EmbedParams, EmbedResult};
+use crate::sync::lock;
+use crate::usage::{self, Outcome};
+use llmd_proto::chat::{
+    ChatDelta, ChatParams, ChatResponse, Delta, EmbedParams, EmbedResult, Usage,
+};
 use llmd_proto::methods::names;
 use llmd_proto::{encode_line, Id, Notification, RpcError};
 use serde_json::value::RawValue;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Streams deltas to the connection as `chat.delta` notifications.
 struct ConnSink {
@@ -59,10 +64,27 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
         }
         (false, _) => None,
     };
-    let sink = sink.as_ref().map(|s| s as &dyn DeltaSink);
+    let default_model = match &target {
+        Target::Profile(profile) => profile.config.default_model.clone(),
+        Target::Pool(_) => None,
+    };
+    let started = Instant::now();
+    let result = chat_on(ctx, target, &p, sink.as_ref().map(|s| s as &dyn DeltaSink)).await;
+    let asked = p.request.model.as_deref().or(default_model.as_deref());
+    record(ctx, &p.profile, names::CHAT, started, asked, &result);
+    ok(&result?)
+}
+
+/// The chat on a profile, or on the member of a pool that answers.
+async fn chat_on(
+    ctx: &Ctx,
+    target: Target,
+    p: &ChatParams,
+    sink: Option<&dyn DeltaSink>,
+) -> Result<ChatResponse, RpcError> {
     let pool = match target {
         Target::Profile(profile) => {
-            return ok(&chat::execute(&ctx.daemon, &profile, &p.request, sink).await?)
+            return chat::execute(&ctx.daemon, &profile, &p.request, sink).await
         }
         Target::Pool(pool) => pool,
     };
@@ -73,7 +95,7 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
     for i in pool.plan(agent.as_deref()) {
         let member = &pool.members[i];
         match chat::execute_as(&ctx.daemon, member, &p.request, sink, Mode::PoolMember).await {
-            Ok(resp) => return ok(&answered(&pool, i, agent.as_deref(), resp)),
+            Ok(resp) => return Ok(answered(&pool, i, agent.as_deref(), resp)),
             // Once a delta went out the answer is this member's, whatever happens.
             Err(e) if tracked.as_ref().is_some_and(|t| t.started()) || !pool::moves_on(&e) => {
                 return Err(e)
@@ -89,7 +111,64 @@ pub async fn chat(ctx: &Ctx, id: Option<&Id>, params: Option<&RawValue>) -> Repl
         return Err(last.unwrap_or_else(|| RpcError::internal("empty pool")));
     };
     let resp = chat::execute_as(&ctx.daemon, member, &p.request, sink, Mode::Alone).await?;
-    ok(&answered(&pool, i, agent.as_deref(), resp))
+    Ok(answered(&pool, i, agent.as_deref(), resp))
+}
+
+/// Queues the ledger row of a `chat` or `embed` call (with the pool member that answered).
+fn record<T: Answered>(
+    ctx: &Ctx,
+    profile: &str,
+    method: &'static str,
+    started: Instant,
+    asked: Option<&str>,
+    result: &Result<T, RpcError>,
+) {
+    let agent = lock(&ctx.conn.client).clone();
+    let (usage, model, member, kind) = match result {
+        Ok(r) => (r.usage(), r.model().or(asked), r.member(), None),
+        Err(e) => (Usage::default(), asked, None, Some(e.kind())),
+    };
+    ctx.daemon.usage.record(&usage::Request {
+        profile,
+        member,
+        agent: agent.as_deref(),
+        method,
+        model,
+        usage,
+        outcome: kind.map_or(Outcome::Ok, |k| Outcome::Failed(k.as_str())),
+        latency: started.elapsed(),
+    });
+}
+
+/// What the ledger reads from an answer.
+trait Answered {
+    fn usage(&self) -> Usage;
+    fn model(&self) -> Option<&str>;
+    fn member(&self) -> Option<&str>;
+}
+
+impl Answered for ChatResponse {
+    fn usage(&self) -> Usage {
+        self.usage
+    }
+    fn model(&self) -> Option<&str> {
+        Some(&self.model)
+    }
+    fn member(&self) -> Option<&str> {
+        self.member.as_deref()
+    }
+}
+
+impl Answered for EmbedResult {
+    fn usage(&self) -> Usage {
+        self.usage
+    }
+    fn model(&self) -> Option<&str> {
+        None
+    }
+    fn member(&self) -> Option<&str> {
+        self.member.as_deref()
+    }
 }
 
 /// The agent a pool keeps sticky: the connection's `hello` name.
@@ -109,8 +188,24 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     if p.input.is_empty() {
         return Err(RpcError::invalid_params("`input` is empty"));
     }
-    let pool = match ctx.daemon.target(&p.profile)? {
-        Target::Profile(profile) => return ok(&embed_one(ctx, &profile, &p).await?),
+    let target = ctx.daemon.target(&p.profile)?;
+    let started = Instant::now();
+    let result = embed_on(ctx, target, &p).await;
+    record(
+        ctx,
+        &p.profile,
+        names::EMBED,
+        started,
+        p.model.as_deref(),
+        &result,
+    );
+    ok(&result?)
+}
+
+/// The embedding on a profile, or on the member of a pool that answers.
+async fn embed_on(ctx: &Ctx, target: Target, p: &EmbedParams) -> Result<EmbedResult, RpcError> {
+    let pool = match target {
+        Target::Profile(profile) => return embed_one(ctx, &profile, p).await,
         Target::Pool(pool) => pool,
     };
     let agent = agent_of(ctx);
@@ -119,11 +214,11 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let tries = plan.iter().copied().chain(pool.fallback());
     for i in tries {
         let member = &pool.members[i];
-        match embed_one(ctx, member, &p).await {
+        match embed_one(ctx, member, p).await {
             Ok(mut r) => {
                 pool.served(i, agent.as_deref());
                 r.member = Some(member.name.clone());
-                return ok(&r);
+                return Ok(r);
             }
             Err(e) if !pool::moves_on(&e) => return Err(e),
             Err(e) => {
@@ -136,7 +231,7 @@ pub async fn embed(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     }
     match (last, pool.members.first()) {
         (Some(e), _) => Err(e),
-        (None, Some(first)) => ok(&embed_one(ctx, first, &p).await?),
+        (None, Some(first)) => embed_one(ctx, first, p).await,
         (None, None) => Err(RpcError::internal("empty pool")),
     }
 }

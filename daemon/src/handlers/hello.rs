@@ -16,8 +16,7 @@ pub fn handle(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let client = crate::logging::clean_name(&p.client, MAX_CLIENT_CHARS);
     let version = crate::logging::clean_name(&p.version, MAX_VERSION_CHARS);
     tracing::debug!(agent = %client, agent_version = %version, "hello");
-    let name = format!("{client}/{version}");
-    ctx.conn.set_agent(name);
+    ctx.conn.set_agent(&client, &version);
     ok(&HelloResult {
         server: "llmd".into(),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -11,6 +11,7 @@ pub mod status;
 pub mod subscribe;
 pub mod token;
 pub mod tools;
+pub mod usage;
 
 use crate::server::connection::Conn;
 use crate::server::{Dispatcher, Ready};
@@ -47,9 +48,9 @@ impl Handlers {
 }
 
 impl Dispatcher for Handlers {
-    fn ready(&self, req: &Request) -> Option<Ready> {
+    fn ready(&self, conn: &Conn, req: &Request) -> Option<Ready> {
         match req.method.as_str() {
-            names::TOKEN => token::ready(&self.daemon, req.params.as_deref()),
+            names::TOKEN => token::ready(&self.daemon, conn, req.params.as_deref()),
             _ => None,
         }
     }
@@ -95,6 +96,7 @@ pub async fn dispatch(
         names::TOOLS_LIST => tools::list(ctx, params),
         names::TOOLS_REMOVE => tools::remove(ctx, params),
         names::GATEWAY_KEY => gateway::key(ctx, params),
+        names::USAGE => usage::handle(ctx, params).await,
         other => Err(RpcError::new(
             ErrorKind::MethodNotFound,
             format!("no method `{other}`"),

@@ -3,9 +3,11 @@
 use super::{ok, parse, Ctx, Reply};
 use crate::profile::Answer;
 use crate::refresh::Force;
+use crate::server::connection::Conn;
 use crate::server::{Ready, SharedJson};
 use crate::state::Daemon;
 use crate::state::Target;
+use crate::sync::lock;
 use llmd_proto::methods::{ProfileParams, TokenParams};
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ impl SharedJson for Answer {
 
 /// The `token` answer when it needs no waiting (see [`crate::profile::Profile::ready_answer`]);
 /// bad params and unknown profiles are answered at once too.
-pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
+pub fn ready(daemon: &Daemon, conn: &Conn, params: Option<&RawValue>) -> Option<Ready> {
     let p: TokenParams = match parse(params) {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
@@ -30,7 +32,16 @@ pub fn ready(daemon: &Daemon, params: Option<&RawValue>) -> Option<Ready> {
         Err(e) => return Some(Err(e)),
     };
     let answer = profile.ready_answer(p.min_valid_secs.unwrap_or(0))?;
+    if answer.is_ok() {
+        count(daemon, conn, &p.profile);
+    }
     Some(answer.map(|a| a as Arc<dyn SharedJson>))
+}
+
+/// Counts a served `token` call for the ledger (a counter, not a row).
+fn count(daemon: &Daemon, conn: &Conn, profile: &str) {
+    let agent = lock(&conn.client);
+    daemon.usage.count_token(profile, agent.as_deref());
 }
 
 /// A token valid for `min_valid_secs` (default 0), refreshing first only when needed.
@@ -38,10 +49,14 @@ pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
     let p: TokenParams = parse(params)?;
     let min_valid = p.min_valid_secs.unwrap_or(0);
     let pool = match ctx.daemon.target(&p.profile)? {
-        Target::Profile(profile) => return profile.token_answer(min_valid, Force::No).await,
+        Target::Profile(profile) => {
+            let answer = profile.token_answer(min_valid, Force::No).await?;
+            count(&ctx.daemon, &ctx.conn, &p.profile);
+            return Ok(answer);
+        }
         Target::Pool(pool) => pool,
     };
-    let agent = crate::sync::lock(&ctx.conn.agent).clone();
+    let agent = lock(&ctx.conn.agent).clone();
     let mut last = None;
     let plan = pool.plan(agent.as_deref());
     for i in plan.iter().copied().chain(pool.fallback()) {
@@ -51,6 +66,7 @@ pub async fn token(ctx: &Ctx, params: Option<&RawValue>) -> Reply {
                 pool.served(i, agent.as_deref());
                 t.profile = pool.name.clone();
                 t.member = Some(member.name.clone());
+                count(&ctx.daemon, &ctx.conn, &p.profile);
                 return ok(&t);
             }
             Err(e) if !crate::pool::moves_on(&e) => return Err(e),

@@ -25,8 +25,10 @@ pub struct Conn {
     pub id: u64,
     /// The server's connection bookkeeping (open connections, agent names).
     pub sockets: Arc<Sockets>,
-    /// Agent name from `hello`.
+    /// Agent name from `hello` (`client/version`).
     pub agent: Mutex<Option<Arc<str>>>,
+    /// The `client` of `hello` alone: the agent the usage ledger records.
+    pub client: Mutex<Option<Arc<str>>>,
     out: mpsc::Sender<Vec<u8>>,
     /// Cancelled when the connection is dropped for good (write error, slow reader).
     pub gone: CancellationToken,
@@ -154,10 +156,13 @@ impl Conn {
         ok
     }
 
-    /// Names this connection's agent (`client/version`) for logs and `status`.
-    pub fn set_agent(&self, name: String) {
+    /// Names this connection's agent: `client` for the usage ledger, `client/version`
+    /// for logs and `status`.
+    pub fn set_agent(&self, client: &str, version: &str) {
+        let name = format!("{client}/{version}");
         self.sockets.set_agent(self.id, name.clone());
         *lock(&self.agent) = Some(name.into());
+        *lock(&self.client) = Some(client.into());
     }
 
     /// Makes `token` the connection's one subscription, ending the one before.
@@ -213,6 +218,7 @@ pub async fn serve(
         id: conn_id,
         sockets,
         agent: Mutex::new(None),
+        client: Mutex::new(None),
         out,
         gone: CancellationToken::new(),
         closing: CancellationToken::new(),
@@ -425,7 +431,7 @@ fn dispatch(
         }
         return;
     }
-    if let Some(answer) = dispatcher.ready(&req) {
+    if let Some(answer) = dispatcher.ready(conn, &req) {
         // A request with the id of one still in flight gets the error below instead.
         let clash = req.id.as_ref().is_some_and(|id| {
             let inflight = lock(&conn.inflight);

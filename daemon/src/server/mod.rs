@@ -35,7 +35,7 @@ pub type Ready = Result<Arc<dyn SharedJson>, RpcError>;
 pub trait Dispatcher: Send + Sync + 'static {
     /// The answer of `req` if it needs no waiting; the connection's reader sends it at once
     /// (no task, no span). `None`: run it with [`Dispatcher::call`].
-    fn ready(&self, req: &Request) -> Option<Ready>;
+    fn ready(&self, conn: &Conn, req: &Request) -> Option<Ready>;
 
     /// Runs one request (in its own task) to its result.
     fn call<'a>(

@@ -12,10 +12,13 @@
 //! - a refresh stampede: 1,000 concurrent `token` calls that all need a refresh, against one
 //!   refresh's latency, and the number of upstream calls;
 //! - the daemon's RSS idle, with 1,000 idle connections and after a soak; start-up to a
-//!   served `status`.
+//!   served `status`;
+//! - the usage ledger on against off: a burst of 1,000 concurrent `chat` calls (wall time,
+//!   p50/p99, rows recorded) and `token` at 1 and 64 connections.
 //!
 //! `cargo build --release --workspace --bins && target/release/llmd-bench all [--runs N]
-//! [--secs S]` (or one section: `token`, `cache`, `chat`, `stampede`, `memory`, `startup`).
+//! [--secs S]` (or one section: `token`, `cache`, `chat`, `stampede`, `memory`, `startup`,
+//! `ledger`).
 //! The load generator is one process with two runtime threads; the daemon logs at
 //! `LLMD_LOG` (default `info`, as in production). Every figure is the median of `--runs`
 //! runs (default 3); llmd and its reference are measured alternately in the same run.
@@ -98,14 +101,17 @@ fn main() {
             "--runs" => opts.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
             "--secs" => opts.secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(2.0),
             "all" => sections.extend(
-                ["startup", "memory", "token", "cache", "stampede", "chat"].map(String::from),
+                [
+                    "startup", "memory", "token", "cache", "stampede", "chat", "ledger",
+                ]
+                .map(String::from),
             ),
             s => sections.push(s.to_owned()),
         }
     }
     if sections.is_empty() {
         eprintln!(
-            "usage: llmd-bench all|token|cache|chat|stampede|memory|startup [--runs N] [--secs S]"
+            "usage: llmd-bench all|token|cache|chat|stampede|memory|startup|ledger [--runs N] [--secs S]"
         );
         std::process::exit(2);
     }
@@ -124,6 +130,7 @@ fn main() {
             "cache" => rt.block_on(cache(&opts)),
             "stampede" => rt.block_on(stampede(&opts)),
             "chat" => rt.block_on(chat(&opts)),
+            "ledger" => rt.block_on(ledger(&opts)),
             other => {
                 eprintln!("unknown section `{other}`");
                 std::process::exit(2);
@@ -1159,5 +1166,121 @@ async fn chat(opts: &Opts) {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Usage ledger on against off
+
+/// A chat profile `a` on the fake and a key profile `k`, with the ledger on or off.
+fn ledger_daemon(fake: &FakeProviders, enabled: bool) -> Daemon {
+    Daemon::builder()
+        .config(&format!(
+            "[usage]\nenabled = {enabled}\n\n\
+             [profiles.a]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"BENCH_KEY\"\nbase_url = \"{}\"\n\n\
+             [profiles.k]\nprovider = \"anthropic\"\nauth = \"api-key\"\napi_key_env = \"BENCH_KEY\"\n",
+            fake.anthropic_base()
+        ))
+        .env("BENCH_KEY", "sk-ant-api03-bench-0123456789abcdef0123456789abcdef")
+        .env("LLMD_LOG", &log_level())
+        .start()
+}
+
+/// `n` `chat` calls started at once, spread over `clients`: wall time and latencies.
+async fn chat_burst(clients: &[Client], n: usize) -> (f64, Vec<f64>) {
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let c = c.clone();
+            let share = n / clients.len() + usize::from(i < n % clients.len());
+            tokio::spawn(async move {
+                let calls = (0..share).map(|_| {
+                    let c = c.clone();
+                    async move {
+                        let t = Instant::now();
+                        c.chat("a", chat_request("hi"))
+                            .await
+                            .map(|_| us(t.elapsed()))
+                    }
+                });
+                futures_util::future::join_all(calls).await
+            })
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(n);
+    for t in tasks {
+        for r in t.await.expect("burst task") {
+            match r {
+                Ok(l) => lat.push(l),
+                Err(e) => eprintln!("chat: {e}"),
+            }
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (us(start.elapsed()), lat)
+}
+
+async fn ledger(opts: &Opts) {
+    header("Usage ledger on against off (`[usage] enabled = false`)");
+    const BURST: usize = 1_000;
+    const CONNS: usize = 64;
+    let fake = FakeProviders::start().await;
+    let on = ledger_daemon(&fake, true);
+    let off = ledger_daemon(&fake, false);
+    let mut clients = [Vec::new(), Vec::new()];
+    for (d, cs) in [&on, &off].into_iter().zip(clients.iter_mut()) {
+        for _ in 0..CONNS {
+            cs.push(d.client().await);
+        }
+        // Warm-up: connections to the fake, and the ledger file's first pages.
+        chat_burst(cs, 100).await;
+    }
+    let mut figures = [Vec::new(), Vec::new()];
+    for _ in 0..opts.runs {
+        for (cs, f) in clients.iter().zip(figures.iter_mut()) {
+            let (wall, lat) = chat_burst(cs, BURST).await;
+            f.push([wall, pct(&lat, 0.5), pct(&lat, 0.99)]);
+        }
+    }
+    let m = |side: usize, i: usize| median(figures[side].iter().map(|r| r[i]).collect());
+    for (i, what) in [(0, "wall time"), (1, "p50"), (2, "p99")] {
+        row(
+            &format!("{BURST} concurrent `chat` ({CONNS} conn.), {what}"),
+            &format!("on {}", fmt_us(m(0, i))),
+            &format!("off {}", fmt_us(m(1, i))),
+            &format!("{:.2}×", m(0, i) / m(1, i)),
+            "",
+        );
+    }
+    let u = on
+        .client()
+        .await
+        .usage(Some("1h"), Default::default())
+        .await
+        .expect("usage");
+    let sent = (100 + BURST * opts.runs) as u64;
+    row(
+        "rows recorded / sent (ledger on)",
+        &format!("{} / {sent}", u.totals.requests),
+        &format!("dropped {}", u.dropped),
+        "",
+        "all, none dropped",
+    );
+    for conns in [1usize, 64] {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..opts.runs {
+            a.push(hammer(&on.socket, TOKEN_REQUEST, conns, opts.secs).await);
+            b.push(hammer(&off.socket, TOKEN_REQUEST, conns, opts.secs).await);
+        }
+        let (a, b) = (Sample::median_of(&a), Sample::median_of(&b));
+        row(
+            &format!("`token` p50 / calls/s, {conns} conn."),
+            &format!("on {} / {}", fmt_us(a.p50), fmt_rate(a.per_sec)),
+            &format!("off {} / {}", fmt_us(b.p50), fmt_rate(b.per_sec)),
+            &format!("{:.2}× / {:.2}×", a.p50 / b.p50, a.per_sec / b.per_sec),
+            "",
+        );
     }
 }
