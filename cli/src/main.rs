@@ -1010,6 +1010,7 @@ mod tests {
             base_url: None,
             default_model: None,
             upstream: None,
+            cluster: None,
         }
     }
 

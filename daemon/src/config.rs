@@ -18,6 +18,41 @@ pub struct Config {
     /// `[gateway]`: the HTTP gateway; off when absent.
     #[serde(default)]
     pub gateway: Option<GatewayConfig>,
+    /// `[cluster]`: share `cluster = true` logins through etcd; off when absent.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: several llmd instances share logins through an etcd cluster (DESIGN.md,
+/// "Cluster").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs (`http://` or `https://`).
+    pub etcd: Vec<String>,
+    /// Key prefix; default `/llmd/<user>/`.
+    pub prefix: Option<String>,
+    /// This instance's name in `status` (default: host name and uid).
+    pub name: Option<String>,
+    /// TTL of the ownership lease.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// CA bundle for `https://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// Client key (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+    /// etcd user (with `password_file`).
+    pub username: Option<String>,
+    /// File holding the etcd user's password.
+    pub password_file: Option<PathBuf>,
+    /// 0600 file with the 32-byte secret (raw or 64 hex characters) every instance shares.
+    pub seal_key_file: PathBuf,
+}
+
+fn default_lease_secs() -> u64 {
+    10
 }
 
 /// `[gateway]`: the providers' own HTTP APIs on loopback (DESIGN.md, "Gateway").
@@ -237,6 +272,9 @@ pub struct ProfileConfig {
     /// `auth = "upstream"`: a Claude Code config folder whose `.credentials.json` mirrors
     /// the upstream login.
     pub mirror_claude_config_dir: Option<PathBuf>,
+    /// Share this login with the other instances of `[cluster]`.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 /// `[profiles.NAME.timeouts]`: how long one provider call may take at each stage. A call
@@ -303,6 +341,7 @@ impl ProfileConfig {
             upstream_socket: None,
             upstream_profile: None,
             mirror_claude_config_dir: None,
+            cluster: false,
         }
     }
 }
@@ -402,11 +441,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .map_err(|(profile, key, msg)| {
             let line = profile
                 .as_deref()
-                .filter(|p| *p != GATEWAY_TABLE)
+                .filter(|p| *p != GATEWAY_TABLE && *p != CLUSTER_TABLE)
                 .and_then(|p| find_key_line(text, p, key))
                 .unwrap_or(1);
             let name = match profile {
                 Some(p) if p == GATEWAY_TABLE => format!("gateway.{key}"),
+                Some(p) if p == CLUSTER_TABLE => format!("cluster.{key}"),
                 Some(p) => format!("profiles.{p}.{key}"),
                 None => format!("daemon.{key}"),
             };
@@ -441,6 +481,15 @@ fn expand_paths(cfg: &mut Config) -> Result<(), Invalid> {
     }
     one(None, "socket", &mut cfg.daemon.socket)?;
     one(None, "state_dir", &mut cfg.daemon.state_dir)?;
+    if let Some(c) = cfg.cluster.as_mut() {
+        let mut seal = Some(std::mem::take(&mut c.seal_key_file));
+        one(Some(CLUSTER_TABLE), "seal_key_file", &mut seal)?;
+        c.seal_key_file = seal.unwrap_or_default();
+        one(Some(CLUSTER_TABLE), "ca_file", &mut c.ca_file)?;
+        one(Some(CLUSTER_TABLE), "cert_file", &mut c.cert_file)?;
+        one(Some(CLUSTER_TABLE), "key_file", &mut c.key_file)?;
+        one(Some(CLUSTER_TABLE), "password_file", &mut c.password_file)?;
+    }
     for (name, p) in cfg.profiles.iter_mut() {
         one(Some(name), "api_key_file", &mut p.api_key_file)?;
         one(Some(name), "bundle", &mut p.bundle)?;
@@ -482,6 +531,9 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     }
     if let Some(g) = &cfg.gateway {
         validate_gateway(g).map_err(|(key, msg)| (Some(GATEWAY_TABLE.into()), key, msg))?;
+    }
+    if let Some(c) = &cfg.cluster {
+        validate_cluster(c).map_err(|(key, msg)| (Some(CLUSTER_TABLE.into()), key, msg))?;
     }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
@@ -579,6 +631,18 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
             );
         }
         validate_upstream(p).map_err(|(key, msg)| (Some(name.clone()), key, msg))?;
+        if p.cluster && !p.auth.is_login() {
+            return bad(
+                "cluster",
+                "only `oauth` and `claude-cli` logins can be shared".into(),
+            );
+        }
+        if p.cluster && cfg.cluster.is_none() {
+            return bad(
+                "cluster",
+                "`cluster = true` needs a `[cluster]` section with `etcd = [...]`".into(),
+            );
+        }
         for (key, url) in [
             ("base_url", &p.base_url),
             ("token_endpoint", &p.token_endpoint),
@@ -642,6 +706,37 @@ fn validate_upstream(p: &ProfileConfig) -> Result<(), (&'static str, String)> {
     ] {
         if set {
             return Err((key, "only `auth = \"upstream\"` profiles use it".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Marks a `[cluster]` error in [`Invalid`].
+const CLUSTER_TABLE: &str = "\0cluster";
+
+fn validate_cluster(c: &ClusterConfig) -> Result<(), (&'static str, String)> {
+    if c.etcd.is_empty() {
+        return Err(("etcd", "list at least one etcd endpoint".into()));
+    }
+    if let Some(u) = c
+        .etcd
+        .iter()
+        .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+    {
+        return Err(("etcd", format!("`{u}` is not an http(s) URL")));
+    }
+    if c.lease_secs < 2 || c.lease_secs > 3600 {
+        return Err(("lease_secs", "must be between 2 and 3600".into()));
+    }
+    if c.cert_file.is_some() != c.key_file.is_some() {
+        return Err(("cert_file", "set both `cert_file` and `key_file`".into()));
+    }
+    if c.username.is_some() != c.password_file.is_some() {
+        return Err(("username", "set both `username` and `password_file`".into()));
+    }
+    if let Some(p) = &c.prefix {
+        if !p.starts_with('/') || !p.ends_with('/') {
+            return Err(("prefix", "must start and end with `/`".into()));
         }
     }
     Ok(())
@@ -737,6 +832,7 @@ pub fn embedded_default() -> Config {
         daemon: DaemonConfig::default(),
         profiles,
         gateway: None,
+        cluster: None,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Daemon {
     pub tools: ToolRegistry,
     /// The HTTP gateway, once started.
     pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
+    /// `[cluster]` as read at start (a reload does not reconnect).
+    cluster: Option<Arc<crate::cluster::Hub>>,
     config_path: PathBuf,
     config_explicit: bool,
     /// Read by every request of every connection, replaced only by a reload: a lock-free
@@ -71,6 +73,12 @@ impl Daemon {
         let http = crate::providers::build_client(Duration::from_secs(10))?;
         let provider_http = crate::providers::HttpClients::new()?;
         let state_dir = config::state_dir(&config.daemon);
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(crate::cluster::Hub::new(
+                crate::cluster::Settings::load(c).map_err(|e| format!("[cluster]: {e}"))?,
+            ))),
+            None => None,
+        };
         let empty = Registry {
             config: Config::default(),
             source: source.clone(),
@@ -86,6 +94,7 @@ impl Daemon {
             pending_logins: Mutex::new(HashMap::new()),
             tools: ToolRegistry::load(state_dir.join("tools.json")),
             gateway: std::sync::OnceLock::new(),
+            cluster,
             config_path,
             config_explicit,
             registry: ArcSwap::from_pointee(empty),
@@ -213,6 +222,7 @@ impl Daemon {
             forced_interval: Duration::from_secs(config.daemon.forced_refresh_interval_secs),
             http: &self.http,
             events: &self.events,
+            cluster: self.cluster.as_deref(),
         };
         let mut logins: Vec<_> = self
             .registry()

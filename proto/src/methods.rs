@@ -133,6 +133,29 @@ pub struct ProfileStatus {
     /// For `auth = "upstream"` profiles: the upstream llmd it follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamStatus>,
+    /// For `cluster = true` profiles: this instance's part in the etcd cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A shared login's cluster state (DESIGN.md, "Cluster").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// `owner` (this instance refreshes), `follower`, or `disconnected` (etcd unreachable).
+    #[serde(default)]
+    pub role: String,
+    /// The instance that owns the login now, when known.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Milliseconds left on this instance's lease, when it owns the login.
+    #[serde(default)]
+    pub lease_remaining_ms: Option<u64>,
+    /// etcd revision of the login's value last seen (0: none yet).
+    #[serde(default)]
+    pub revision: i64,
+    /// Why the instance is not in sync, free of secrets.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Where a follower profile gets its tokens, and whether it reaches it now.
