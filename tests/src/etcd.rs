@@ -12,7 +12,10 @@ pub fn etcd_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join("etcd"))
-        .chain([PathBuf::from("/usr/bin/etcd"), PathBuf::from("/usr/sbin/etcd")])
+        .chain([
+            PathBuf::from("/usr/bin/etcd"),
+            PathBuf::from("/usr/sbin/etcd"),
+        ])
         .find(|p| p.is_file())
 }
 
@@ -158,8 +161,7 @@ fn health(port: u16) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .is_err()
     {
         return false;

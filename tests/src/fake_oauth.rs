@@ -468,6 +468,10 @@ pub fn presented_refresh_tokens(inner: &Inner) -> Vec<String> {
         .requests
         .iter()
         .filter(|(b, _)| b.get("grant_type").and_then(Value::as_str) == Some("refresh_token"))
-        .filter_map(|(b, _)| b.get("refresh_token").and_then(Value::as_str).map(str::to_owned))
+        .filter_map(|(b, _)| {
+            b.get("refresh_token")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .collect()
 }

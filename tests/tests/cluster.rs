@@ -62,6 +62,10 @@ fn start_node(fake: &FakeOAuth, name: &str, endpoints: &[String], planted: Optio
 }
 
 async fn cluster_status(d: &Daemon) -> Option<ClusterStatus> {
+    profile_cluster_status(d, "shared").await
+}
+
+async fn profile_cluster_status(d: &Daemon, profile: &str) -> Option<ClusterStatus> {
     let c = tokio::time::timeout(Duration::from_secs(2), Client::connect_to(&d.socket))
         .await
         .ok()?
@@ -70,18 +74,30 @@ async fn cluster_status(d: &Daemon) -> Option<ClusterStatus> {
         .await
         .ok()?
         .ok()?;
-    s.profiles.into_iter().find(|p| p.name == "shared")?.cluster
+    s.profiles.into_iter().find(|p| p.name == profile)?.cluster
 }
 
 /// Waits until one of `nodes` (by index, skipping `except`) reports itself owner.
 async fn wait_owner(nodes: &[Daemon], except: Option<usize>, within: Duration) -> usize {
+    wait_profile_owner(nodes, "shared", except, within).await
+}
+
+async fn wait_profile_owner(
+    nodes: &[Daemon],
+    profile: &str,
+    except: Option<usize>,
+    within: Duration,
+) -> usize {
     let deadline = Instant::now() + within;
     loop {
         for (i, d) in nodes.iter().enumerate() {
             if Some(i) == except {
                 continue;
             }
-            if cluster_status(d).await.is_some_and(|c| c.role == "owner") {
+            if profile_cluster_status(d, profile)
+                .await
+                .is_some_and(|c| c.role == "owner")
+            {
                 return i;
             }
         }
@@ -119,7 +135,8 @@ fn agent(socket: std::path::PathBuf, stop: Arc<AtomicBool>, out: Arc<Mutex<Serve
                     .and_then(Result::ok);
             }
             if let Some(c) = &client {
-                match tokio::time::timeout(Duration::from_secs(2), c.token("shared", Some(1))).await {
+                match tokio::time::timeout(Duration::from_secs(2), c.token("shared", Some(1))).await
+                {
                     Ok(Ok(t)) => {
                         let served_at = now();
                         out.lock().unwrap().ok.push((t.token.clone(), served_at));
@@ -162,13 +179,19 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
         .collect();
     let planted_expiry = now() + 3;
     let planted = bundle(&access_of(0), &refresh_of(0), planted_expiry);
-    let mut nodes = tokio::task::block_in_place(|| {
-        vec![start_node(&fake, "node0", &direct, Some(&planted))]
-    });
+    let mut nodes =
+        tokio::task::block_in_place(|| vec![start_node(&fake, "node0", &direct, Some(&planted))]);
     // Node 0 shares its login; the others start without one and adopt it from etcd.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !cluster_status(&nodes[0]).await.is_some_and(|c| c.revision > 0) {
-        assert!(Instant::now() < deadline, "node0 never shared its login: {}", nodes[0].logs());
+    while !cluster_status(&nodes[0])
+        .await
+        .is_some_and(|c| c.revision > 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node0 never shared its login: {}",
+            nodes[0].logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::task::block_in_place(|| {
@@ -193,7 +216,10 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
         let t0 = Instant::now();
         tokio::task::block_in_place(|| nodes[owner].kill());
         let next = wait_owner(&nodes, Some(owner), takeover).await;
-        eprintln!("round {round}: node{owner} killed; node{next} owns the login after {:?}", t0.elapsed());
+        eprintln!(
+            "round {round}: node{owner} killed; node{next} owns the login after {:?}",
+            t0.elapsed()
+        );
         tokio::time::sleep(Duration::from_secs(3)).await;
         tokio::task::block_in_place(|| nodes[owner].start_again());
         // Its agent reconnects by itself.
@@ -204,7 +230,10 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
         let t0 = Instant::now();
         nodes[owner].signal(libc::SIGSTOP);
         let next = wait_owner(&nodes, Some(owner), takeover).await;
-        eprintln!("round {round}: node{owner} paused; node{next} owns the login after {:?}", t0.elapsed());
+        eprintln!(
+            "round {round}: node{owner} paused; node{next} owns the login after {:?}",
+            t0.elapsed()
+        );
         // Let the new owner rotate the login under the paused one.
         let generation = fake.generation();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -237,13 +266,19 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
                 assert!(c.error.is_some(), "a disconnected instance says why");
                 break;
             }
-            assert!(Instant::now() < deadline, "node2 never noticed it was cut off");
+            assert!(
+                Instant::now() < deadline,
+                "node2 never noticed it was cut off"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let owner = wait_owner(&nodes, Some(2), takeover).await;
         eprintln!("round {round}: node2 cut off; node{owner} owns the login");
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert!(fake.state().rotations > rotations_before, "the others kept the login fresh");
+        assert!(
+            fake.state().rotations > rotations_before,
+            "the others kept the login fresh"
+        );
         for p in proxies.iter_mut() {
             p.restore().await;
         }
@@ -251,17 +286,20 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let current = access_of(fake.generation());
-            let fresh = served[2]
-                .lock()
-                .unwrap()
-                .ok
-                .last()
-                .is_some_and(|(t, _)| *t == current || fake.state().expiry_of.get(t).is_some_and(|e| *e > now()));
-            let connected = cluster_status(&nodes[2]).await.is_some_and(|c| c.role != "disconnected");
+            let fresh = served[2].lock().unwrap().ok.last().is_some_and(|(t, _)| {
+                *t == current || fake.state().expiry_of.get(t).is_some_and(|e| *e > now())
+            });
+            let connected = cluster_status(&nodes[2])
+                .await
+                .is_some_and(|c| c.role != "disconnected");
             if fresh && connected {
                 break;
             }
-            assert!(Instant::now() < deadline, "node2 did not catch up after the partition: {}", nodes[2].logs());
+            assert!(
+                Instant::now() < deadline,
+                "node2 did not catch up after the partition: {}",
+                nodes[2].logs()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if started.elapsed() >= total {
@@ -281,8 +319,16 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
     );
     let presented = presented_refresh_tokens(&state);
     let unique: HashSet<&String> = presented.iter().collect();
-    assert_eq!(unique.len(), presented.len(), "a refresh token was presented twice: {presented:?}");
-    assert!(state.rotations >= 10, "the login rotated only {} times", state.rotations);
+    assert_eq!(
+        unique.len(),
+        presented.len(),
+        "a refresh token was presented twice: {presented:?}"
+    );
+    assert!(
+        state.rotations >= 10,
+        "the login rotated only {} times",
+        state.rotations
+    );
     // Every token an agent was served was valid when served.
     for (i, s) in served.iter().enumerate() {
         let s = s.lock().unwrap();
@@ -293,10 +339,19 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
             } else {
                 state.expiry_of.get(token).copied()
             };
-            let expiry = expiry.unwrap_or_else(|| panic!("agent {i} was served a token the authority never issued"));
-            assert!(*at <= expiry, "agent {i} was served an expired token ({at} > {expiry})");
+            let expiry = expiry.unwrap_or_else(|| {
+                panic!("agent {i} was served a token the authority never issued")
+            });
+            assert!(
+                *at <= expiry,
+                "agent {i} was served an expired token ({at} > {expiry})"
+            );
         }
-        eprintln!("agent {i}: {} tokens served, {} errors", s.ok.len(), s.errors);
+        eprintln!(
+            "agent {i}: {} tokens served, {} errors",
+            s.ok.len(),
+            s.errors
+        );
     }
     drop(state);
     // The status of a shared login names the owner and the revision.
@@ -310,4 +365,235 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
     assert_eq!(c.owner.as_deref(), Some(format!("node{owner}").as_str()));
     drop(proxies);
     drop(etcd);
+}
+
+/// etcd never sees a token in clear: neither in what a watch of the prefix delivers nor
+/// anywhere in the members' data folders (WAL, snapshots, bbolt database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_never_holds_a_token_in_clear() {
+    let Some(bin) = etcd_binary() else {
+        eprintln!("SKIP: `etcd` is not installed (Debian: apt-get install etcd-server)");
+        return;
+    };
+    let mut etcd = tokio::task::block_in_place(|| EtcdCluster::start(bin));
+    let fake = FakeOAuth::start(3).await;
+    let endpoints = etcd.endpoints();
+    let watcher = {
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect(endpoints, None)
+                .await
+                .expect("etcd client");
+            let mut stream = client
+                .watch(
+                    "/llmd/",
+                    Some(etcd_client::WatchOptions::new().with_prefix()),
+                )
+                .await
+                .expect("watch");
+            let mut values: Vec<(String, Vec<u8>)> = Vec::new();
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        values.push((
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.value().to_vec(),
+                        ));
+                    }
+                }
+                if values.iter().filter(|(k, _)| k.ends_with("/login")).count() >= 4 {
+                    break;
+                }
+            }
+            values
+        })
+    };
+    let planted = bundle(&access_of(0), &refresh_of(0), now() + 3);
+    let mut node =
+        tokio::task::block_in_place(|| start_node(&fake, "node0", &endpoints, Some(&planted)));
+    let values = tokio::time::timeout(Duration::from_secs(30), watcher)
+        .await
+        .expect("the login was written to etcd and rotated")
+        .expect("watch task");
+    tokio::task::block_in_place(|| {
+        node.stop();
+        for i in 0..3 {
+            etcd.kill(i);
+        }
+    });
+    let generation = fake.generation();
+    assert!(generation >= 3, "the login rotated through etcd");
+    let secrets: Vec<String> = (0..=generation + 1)
+        .flat_map(|g| [access_of(g), refresh_of(g)])
+        .collect();
+    for (key, value) in &values {
+        for s in &secrets {
+            assert!(
+                !contains(value, s.as_bytes()),
+                "the watch of {key} delivered a token in clear"
+            );
+        }
+    }
+    // The scan reads what etcd stored: the key names are there in clear, the tokens not.
+    let mut files = Vec::new();
+    collect_files(etcd.data_dir(), &mut files);
+    let mut key_seen = false;
+    for f in &files {
+        let Ok(bytes) = std::fs::read(f) else {
+            continue;
+        };
+        key_seen |= contains(&bytes, b"/llmd/test/shared/login");
+        for s in &secrets {
+            assert!(
+                !contains(&bytes, s.as_bytes()),
+                "{} holds a token in clear",
+                f.display()
+            );
+        }
+    }
+    assert!(
+        key_seen,
+        "the scan did not find the login's key in etcd's data ({} files)",
+        files.len()
+    );
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+fn claude_creds(access: &str, refresh: &str, expires_at: i64) -> String {
+    json!({"claudeAiOauth": {"accessToken": access, "refreshToken": refresh,
+        "expiresAt": expires_at * 1000, "scopes": ["user:inference", "user:profile"],
+        "subscriptionType": "max"}})
+    .to_string()
+}
+
+fn claude_node(fake: &FakeOAuth, name: &str, endpoints: &[String], creds: Option<&str>) -> Daemon {
+    let etcd: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let config = format!(
+        "[cluster]\netcd = [{}]\nname = \"{name}\"\nprefix = \"/llmd/test/\"\nlease_secs = {LEASE_SECS}\nseal_key_file = \"{{home}}/seal.key\"\n\n[profiles.claude]\nprovider = \"anthropic\"\nauth = \"claude-cli\"\ntoken_endpoint = \"{}\"\ncluster = true\n",
+        etcd.join(", "),
+        fake.anthropic_url()
+    );
+    let mut b = Daemon::builder()
+        .config(&config)
+        .file("seal.key", SEAL_KEY_HEX, 0o600);
+    if let Some(c) = creds {
+        b = b.file(".claude/.credentials.json", c, 0o600);
+    }
+    b.start()
+}
+
+fn file_access(d: &Daemon) -> Option<String> {
+    let text = std::fs::read_to_string(d.home.join(".claude/.credentials.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["claudeAiOauth"]["accessToken"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+async fn wait_file(d: &Daemon, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while file_access(d).as_deref() != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{want} never reached {}: {}",
+            d.home.display(),
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Claude Code on every host: a `claude-cli` login is written into each host's
+/// `.credentials.json`, and a refresh Claude Code does itself on one host reaches the
+/// others, so the owner's next refresh spends the right refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claude_code_on_every_host_shares_one_login() {
+    let Some(bin) = etcd_binary() else {
+        eprintln!("SKIP: `etcd` is not installed (Debian: apt-get install etcd-server)");
+        return;
+    };
+    let etcd = tokio::task::block_in_place(|| EtcdCluster::start(bin));
+    // Long-lived tokens: only the refreshes this test causes happen.
+    let fake = FakeOAuth::start(3600).await;
+    let endpoints = etcd.endpoints();
+    let creds = claude_creds(&access_of(0), &refresh_of(0), now() + 3600);
+    let nodes = tokio::task::block_in_place(|| {
+        let first = claude_node(&fake, "node0", &endpoints, Some(&creds));
+        vec![first]
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !profile_cluster_status(&nodes[0], "claude")
+        .await
+        .is_some_and(|c| c.revision > 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node0 never shared its login: {}",
+            nodes[0].logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut nodes = nodes;
+    nodes.push(tokio::task::block_in_place(|| {
+        claude_node(&fake, "node1", &endpoints, None)
+    }));
+    // The host without a login gets Claude Code's file from the cluster.
+    wait_file(&nodes[1], &access_of(0)).await;
+
+    // Claude Code refreshes by itself on node 1 (temp file and rename, as it does).
+    let (access, refresh, _) = fake.rotate_out_of_band();
+    let path = nodes[1].home.join(".claude/.credentials.json");
+    let tmp = nodes[1].home.join(".claude/.credentials.json.tmp");
+    std::fs::write(&tmp, claude_creds(&access, &refresh, now() + 3600)).expect("write");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    std::fs::rename(&tmp, &path).expect("rename");
+    wait_file(&nodes[0], &access).await;
+
+    // The owner's next refresh spends Claude Code's new refresh token, and both hosts get
+    // the result.
+    let owner = wait_profile_owner(&nodes, "claude", None, Duration::from_secs(10)).await;
+    let c = Client::connect_to(&nodes[owner].socket)
+        .await
+        .expect("connect");
+    let t = c
+        .refresh("claude")
+        .await
+        .expect("refresh through the owner");
+    let newest = access_of(fake.generation());
+    assert_eq!(t.token, newest);
+    for d in &nodes {
+        wait_file(d, &newest).await;
+    }
+    assert_eq!(
+        fake.invalid_grants(),
+        0,
+        "a spent refresh token was used: {}",
+        all_logs(&nodes)
+    );
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(nodes[0].home.join(".claude/.credentials.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(
+        v["claudeAiOauth"]["subscriptionType"], "max",
+        "Claude Code's other fields stay"
+    );
 }

@@ -230,6 +230,7 @@ impl Task {
         if self.first_read {
             self.first_read = false;
             let local = self.local_tokens().await;
+            tracing::debug!(profile = %self.spec.profile, local = local.is_some(), cluster = self.value.is_some(), "cluster: first read");
             match (self.value.clone(), local) {
                 // The cluster's login wins over what this host had when it started.
                 (Some(v), Some(l)) if l != v => self.remember_older(l.access),
@@ -247,14 +248,16 @@ impl Task {
         let (until_tx, until_rx) = watch::channel(Some(asked + Duration::from_secs(ttl)));
         let keepalive = AbortOnDrop(tokio::spawn(keep_alive(keeper, stream, ttl, until_tx)));
         self.lease = Some((lease_id, until_rx.clone()));
-        let mut watch = call(client.watch(
-            self.dir.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(header_rev + 1),
+        let mut watch = call(
+            client.watch(
+                self.dir.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(header_rev + 1),
+                ),
             ),
-        ))
+        )
         .await?;
         self.campaign(&mut client, lease_id).await?;
         self.publish(self.role(), None);
@@ -409,7 +412,9 @@ impl Task {
                     }
                 });
             }
-            Err(e) => tracing::warn!(profile = %self.spec.profile, error = %e, "cluster: login task stopped"),
+            Err(e) => {
+                tracing::warn!(profile = %self.spec.profile, error = %e, "cluster: login task stopped")
+            }
         }
     }
 

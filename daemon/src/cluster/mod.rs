@@ -80,7 +80,8 @@ impl TokenEndpoint for Gate {
         let req_current = current.clone();
         let endpoint = self.inner.clone();
         Box::pin(async move {
-            let stopped = || RefreshError::transient("the cluster task of this login is not running");
+            let stopped =
+                || RefreshError::transient("the cluster task of this login is not running");
             let (reply, rx) = oneshot::channel();
             requests
                 .send(Request {
@@ -187,12 +188,14 @@ impl Settings {
     }
 
     /// The client options: bounded connects and calls, and no answers from a member that
-    /// lost its leader (it may be on the minority side of a partition).
+    /// lost its leader (it may be on the minority side of a partition). HTTP/2 pings no
+    /// more often than etcd's default `--grpc-keepalive-min-time` (5 s) allows, or the
+    /// server drops the connection; a dead link shows in the lease keep-alive first anyway.
     pub fn connect_options(&self) -> etcd_client::ConnectOptions {
         let mut o = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
         if let Some((u, p)) = &self.user {
             o = o.with_user(u.clone(), p.expose().to_owned());

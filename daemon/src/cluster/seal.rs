@@ -33,7 +33,9 @@ pub enum SealError {
     #[error("seal_key_file {0} must hold 32 raw bytes or 64 hex characters")]
     BadKey(String),
     /// The value is not a sealed login, or was sealed with another key or for another key name.
-    #[error("the value in etcd at {0} cannot be opened (another seal key, another login, or tampered)")]
+    #[error(
+        "the value in etcd at {0} cannot be opened (another seal key, another login, or tampered)"
+    )]
     Open(String),
 }
 
@@ -183,7 +185,9 @@ mod tests {
             s.open("/llmd/u/login/b", &sealed),
             Err(SealError::Open(_))
         ));
-        assert!(Sealer::new(&[8; 32]).open("/llmd/u/login/a", &sealed).is_err());
+        assert!(Sealer::new(&[8; 32])
+            .open("/llmd/u/login/a", &sealed)
+            .is_err());
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
