@@ -183,9 +183,9 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
         tokio::task::block_in_place(|| vec![start_node(&fake, "node0", &direct, Some(&planted))]);
     // Node 0 shares its login; the others start without one and adopt it from etcd.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !cluster_status(&nodes[0])
+    while cluster_status(&nodes[0])
         .await
-        .is_some_and(|c| c.revision > 0)
+        .is_none_or(|c| c.revision <= 0)
     {
         assert!(
             Instant::now() < deadline,
@@ -310,50 +310,51 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The authority's view: zero invalid_grant, no refresh token presented twice.
-    let state = fake.state();
-    assert_eq!(
-        state.invalid_grants,
-        0,
-        "an instance spent a stale refresh token: {}",
-        all_logs(&nodes)
-    );
-    let presented = presented_refresh_tokens(&state);
-    let unique: HashSet<&String> = presented.iter().collect();
-    assert_eq!(
-        unique.len(),
-        presented.len(),
-        "a refresh token was presented twice: {presented:?}"
-    );
-    assert!(
-        state.rotations >= 10,
-        "the login rotated only {} times",
-        state.rotations
-    );
-    // Every token an agent was served was valid when served.
-    for (i, s) in served.iter().enumerate() {
-        let s = s.lock().unwrap();
-        assert!(!s.ok.is_empty(), "agent {i} was never served a token");
-        for (token, at) in &s.ok {
-            let expiry = if *token == access_of(0) {
-                Some(planted_expiry)
-            } else {
-                state.expiry_of.get(token).copied()
-            };
-            let expiry = expiry.unwrap_or_else(|| {
-                panic!("agent {i} was served a token the authority never issued")
-            });
-            assert!(
-                *at <= expiry,
-                "agent {i} was served an expired token ({at} > {expiry})"
+    {
+        let state = fake.state();
+        assert_eq!(
+            state.invalid_grants,
+            0,
+            "an instance spent a stale refresh token: {}",
+            all_logs(&nodes)
+        );
+        let presented = presented_refresh_tokens(&state);
+        let unique: HashSet<&String> = presented.iter().collect();
+        assert_eq!(
+            unique.len(),
+            presented.len(),
+            "a refresh token was presented twice: {presented:?}"
+        );
+        assert!(
+            state.rotations >= 10,
+            "the login rotated only {} times",
+            state.rotations
+        );
+        // Every token an agent was served was valid when served.
+        for (i, s) in served.iter().enumerate() {
+            let s = s.lock().unwrap();
+            assert!(!s.ok.is_empty(), "agent {i} was never served a token");
+            for (token, at) in &s.ok {
+                let expiry = if *token == access_of(0) {
+                    Some(planted_expiry)
+                } else {
+                    state.expiry_of.get(token).copied()
+                };
+                let expiry = expiry.unwrap_or_else(|| {
+                    panic!("agent {i} was served a token the authority never issued")
+                });
+                assert!(
+                    *at <= expiry,
+                    "agent {i} was served an expired token ({at} > {expiry})"
+                );
+            }
+            eprintln!(
+                "agent {i}: {} tokens served, {} errors",
+                s.ok.len(),
+                s.errors
             );
         }
-        eprintln!(
-            "agent {i}: {} tokens served, {} errors",
-            s.ok.len(),
-            s.errors
-        );
     }
-    drop(state);
     // The status of a shared login names the owner and the revision.
     let owner = wait_owner(&nodes, None, takeover).await;
     let c = cluster_status(&nodes[owner]).await.expect("status");
@@ -539,9 +540,9 @@ async fn claude_code_on_every_host_shares_one_login() {
         vec![first]
     });
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !profile_cluster_status(&nodes[0], "claude")
+    while profile_cluster_status(&nodes[0], "claude")
         .await
-        .is_some_and(|c| c.revision > 0)
+        .is_none_or(|c| c.revision <= 0)
     {
         assert!(
             Instant::now() < deadline,
