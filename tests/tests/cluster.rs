@@ -25,6 +25,15 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Slack for the whole seconds llmd counts validity in against the authority's milliseconds.
+const CLOCK_SLACK_MS: i64 = 50;
+
 fn bundle(access: &str, refresh: &str, expires_at: i64) -> String {
     json!({"access_token": access, "refresh_token": refresh, "expires_at": expires_at}).to_string()
 }
@@ -120,6 +129,7 @@ fn all_logs(nodes: &[Daemon]) -> String {
 /// What one agent saw.
 #[derive(Default)]
 struct Served {
+    /// Tokens served, with when they were asked for (unix ms).
     ok: Vec<(String, i64)>,
     errors: u64,
 }
@@ -135,12 +145,10 @@ fn agent(socket: std::path::PathBuf, stop: Arc<AtomicBool>, out: Arc<Mutex<Serve
                     .and_then(Result::ok);
             }
             if let Some(c) = &client {
+                let asked_ms = now_ms();
                 match tokio::time::timeout(Duration::from_secs(2), c.token("shared", Some(1))).await
                 {
-                    Ok(Ok(t)) => {
-                        let served_at = now();
-                        out.lock().unwrap().ok.push((t.token.clone(), served_at));
-                    }
+                    Ok(Ok(t)) => out.lock().unwrap().ok.push((t.token.clone(), asked_ms)),
                     Ok(Err(llmd_client::Error::Rpc(_))) => out.lock().unwrap().errors += 1,
                     _ => {
                         out.lock().unwrap().errors += 1;
@@ -287,7 +295,12 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
         loop {
             let current = access_of(fake.generation());
             let fresh = served[2].lock().unwrap().ok.last().is_some_and(|(t, _)| {
-                *t == current || fake.state().expiry_of.get(t).is_some_and(|e| *e > now())
+                *t == current
+                    || fake
+                        .state()
+                        .expiry_ms_of
+                        .get(t)
+                        .is_some_and(|e| *e > now_ms())
             });
             let connected = cluster_status(&nodes[2])
                 .await
@@ -336,16 +349,16 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
             assert!(!s.ok.is_empty(), "agent {i} was never served a token");
             for (token, at) in &s.ok {
                 let expiry = if *token == access_of(0) {
-                    Some(planted_expiry)
+                    Some(planted_expiry * 1000)
                 } else {
-                    state.expiry_of.get(token).copied()
+                    state.expiry_ms_of.get(token).copied()
                 };
                 let expiry = expiry.unwrap_or_else(|| {
                     panic!("agent {i} was served a token the authority never issued")
                 });
                 assert!(
-                    *at <= expiry,
-                    "agent {i} was served an expired token ({at} > {expiry})"
+                    *at < expiry + CLOCK_SLACK_MS,
+                    "agent {i} was served an expired token (asked at {at} ms, expired at {expiry} ms)"
                 );
             }
             eprintln!(
