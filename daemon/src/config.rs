@@ -845,6 +845,51 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked() {
+        let ok = p("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nseal_key_file = \"/k\"\n\n[profiles.w]\nprovider = \"anthropic\"\nauth = \"oauth\"\ncluster = true\n")
+            .expect("valid");
+        let c = ok.cluster.expect("cluster");
+        assert_eq!(c.lease_secs, 10);
+        assert!(ok.profiles["w"].cluster);
+        let no_section =
+            p("[profiles.w]\nprovider = \"anthropic\"\nauth = \"oauth\"\ncluster = true\n")
+                .unwrap_err();
+        assert!(no_section.0.contains("profiles.w.cluster"), "{no_section}");
+        let not_login = p("[cluster]\netcd = [\"http://e:2379\"]\nseal_key_file = \"/k\"\n[profiles.k]\nprovider = \"anthropic\"\nauth = \"api-key\"\ncluster = true\n")
+            .unwrap_err();
+        assert!(
+            not_login.0.contains("only `oauth` and `claude-cli`"),
+            "{not_login}"
+        );
+        for (bad, key) in [
+            ("etcd = []\nseal_key_file = \"/k\"", "cluster.etcd"),
+            (
+                "etcd = [\"e:2379\"]\nseal_key_file = \"/k\"",
+                "cluster.etcd",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"/k\"\nlease_secs = 1",
+                "cluster.lease_secs",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"k\"",
+                "cluster.seal_key_file",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"/k\"\ncert_file = \"/c\"",
+                "cluster.cert_file",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"/k\"\nprefix = \"llmd\"",
+                "cluster.prefix",
+            ),
+        ] {
+            let e = p(&format!("[cluster]\n{bad}\n")).unwrap_err();
+            assert!(e.0.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn full_example_parses() {
         let cfg = p(r#"
 [daemon]
