@@ -981,8 +981,35 @@ fn pool_text(p: &llmd_client::proto::methods::PoolStatus) -> String {
     )
 }
 
-/// `env ANTHROPIC_API_KEY`, `stored`, `file PATH`, `bundle PATH`, `Claude Code PATH`.
+/// `env ANTHROPIC_API_KEY`, `stored`, `file PATH`, `bundle PATH`, `Claude Code PATH`,
+/// followed by the cluster part of a shared login.
 fn source_text(p: &ProfileStatus) -> String {
+    let base = local_source_text(p);
+    match &p.cluster {
+        None => base,
+        Some(c) => format!("{base} [{}]", cluster_text(c)),
+    }
+}
+
+/// `cluster owner, lease 1.8s, rev 42`, `cluster follower of host-b, rev 42`, or
+/// `cluster disconnected: why`.
+fn cluster_text(c: &llmd_client::proto::methods::ClusterStatus) -> String {
+    let mut t = match (c.role.as_str(), &c.owner) {
+        ("owner", _) => "cluster owner".to_owned(),
+        ("follower", Some(o)) => format!("cluster follower of {o}"),
+        (role, _) => format!("cluster {role}"),
+    };
+    if let Some(ms) = c.lease_remaining_ms {
+        t.push_str(&format!(", lease {:.1}s", ms as f64 / 1000.0));
+    }
+    t.push_str(&format!(", rev {}", c.revision));
+    if let Some(e) = &c.error {
+        t.push_str(&format!(": {e}"));
+    }
+    t
+}
+
+fn local_source_text(p: &ProfileStatus) -> String {
     if let Some(u) = &p.upstream {
         return format!("upstream {} ({}, {})", u.socket, u.profile, u.connection);
     }
@@ -1074,6 +1101,7 @@ mod tests {
             default_model: None,
             upstream: None,
             quota: None,
+            cluster: None,
         }
     }
 

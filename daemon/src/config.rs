@@ -18,6 +18,8 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     /// `[gateway]`: the HTTP gateway; off when absent.
     pub gateway: Option<GatewayConfig>,
+    /// `[cluster]`: share `cluster = true` logins through etcd; off when absent.
+    pub cluster: Option<ClusterConfig>,
     /// `[usage]`: the usage ledger and quota warnings.
     pub usage: UsageConfig,
 }
@@ -90,7 +92,7 @@ impl Strategy {
     }
 }
 
-const TOP_LEVEL: &[&str] = &["daemon", "profiles", "gateway", "usage"];
+const TOP_LEVEL: &[&str] = &["daemon", "profiles", "gateway", "usage", "cluster"];
 
 /// Deserializes a [`Config`] knowing which profile tables are pools (found by a first,
 /// untyped pass), so both kinds keep toml's exact error positions.
@@ -120,6 +122,7 @@ impl<'de> Visitor<'de> for ConfigSeed<'_> {
                 "daemon" => cfg.daemon = map.next_value()?,
                 "gateway" => cfg.gateway = map.next_value()?,
                 "usage" => cfg.usage = map.next_value()?,
+                "cluster" => cfg.cluster = map.next_value()?,
                 "profiles" => {
                     let (profiles, pools) =
                         map.next_value_seed(ProfilesSeed { pools: self.pools })?;
@@ -184,6 +187,38 @@ fn pool_names(text: &str) -> BTreeSet<String> {
         .filter(|(_, v)| v.as_table().is_some_and(|t| t.contains_key("pool")))
         .map(|(k, _)| k.clone())
         .collect()
+}
+
+/// `[cluster]`: several llmd instances share logins through an etcd cluster (DESIGN.md,
+/// "Cluster").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs (`http://` or `https://`).
+    pub etcd: Vec<String>,
+    /// Key prefix; default `/llmd/<user>/`.
+    pub prefix: Option<String>,
+    /// This instance's name in `status` (default: host name and uid).
+    pub name: Option<String>,
+    /// TTL of the ownership lease.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// CA bundle for `https://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// Client key (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+    /// etcd user (with `password_file`).
+    pub username: Option<String>,
+    /// File holding the etcd user's password.
+    pub password_file: Option<PathBuf>,
+    /// 0600 file with the 32-byte secret (raw or 64 hex characters) every instance shares.
+    pub seal_key_file: PathBuf,
+}
+
+fn default_lease_secs() -> u64 {
+    10
 }
 
 /// `[gateway]`: the providers' own HTTP APIs on loopback (DESIGN.md, "Gateway").
@@ -403,6 +438,9 @@ pub struct ProfileConfig {
     /// `auth = "upstream"`: a Claude Code config folder whose `.credentials.json` mirrors
     /// the upstream login.
     pub mirror_claude_config_dir: Option<PathBuf>,
+    /// Share this login with the other instances of `[cluster]`.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 /// `[profiles.NAME.timeouts]`: how long one provider call may take at each stage. A call
@@ -469,6 +507,7 @@ impl ProfileConfig {
             upstream_socket: None,
             upstream_profile: None,
             mirror_claude_config_dir: None,
+            cluster: false,
         }
     }
 }
@@ -572,12 +611,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .map_err(|(profile, key, msg)| {
             let line = profile
                 .as_deref()
-                .filter(|p| *p != GATEWAY_TABLE && *p != USAGE_TABLE)
+                .filter(|p| *p != GATEWAY_TABLE && *p != USAGE_TABLE && *p != CLUSTER_TABLE)
                 .and_then(|p| find_key_line(text, p, key))
                 .unwrap_or(1);
             let name = match profile {
                 Some(p) if p == GATEWAY_TABLE => format!("gateway.{key}"),
                 Some(p) if p == USAGE_TABLE => format!("usage.{key}"),
+                Some(p) if p == CLUSTER_TABLE => format!("cluster.{key}"),
                 Some(p) => format!("profiles.{p}.{key}"),
                 None => format!("daemon.{key}"),
             };
@@ -612,6 +652,15 @@ fn expand_paths(cfg: &mut Config) -> Result<(), Invalid> {
     }
     one(None, "socket", &mut cfg.daemon.socket)?;
     one(None, "state_dir", &mut cfg.daemon.state_dir)?;
+    if let Some(c) = cfg.cluster.as_mut() {
+        let mut seal = Some(std::mem::take(&mut c.seal_key_file));
+        one(Some(CLUSTER_TABLE), "seal_key_file", &mut seal)?;
+        c.seal_key_file = seal.unwrap_or_default();
+        one(Some(CLUSTER_TABLE), "ca_file", &mut c.ca_file)?;
+        one(Some(CLUSTER_TABLE), "cert_file", &mut c.cert_file)?;
+        one(Some(CLUSTER_TABLE), "key_file", &mut c.key_file)?;
+        one(Some(CLUSTER_TABLE), "password_file", &mut c.password_file)?;
+    }
     for (name, p) in cfg.profiles.iter_mut() {
         one(Some(name), "api_key_file", &mut p.api_key_file)?;
         one(Some(name), "bundle", &mut p.bundle)?;
@@ -657,6 +706,9 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     validate_usage(&cfg.usage).map_err(|msg| (Some(USAGE_TABLE.into()), "warn_at", msg))?;
     for (name, pool) in &cfg.pools {
         validate_pool(name, pool, cfg).map_err(|msg| (Some(name.clone()), "pool", msg))?;
+    }
+    if let Some(c) = &cfg.cluster {
+        validate_cluster(c).map_err(|(key, msg)| (Some(CLUSTER_TABLE.into()), key, msg))?;
     }
     for (name, p) in &cfg.profiles {
         let bad = |key, msg: String| Err((Some(name.clone()), key, msg));
@@ -754,6 +806,18 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
             );
         }
         validate_upstream(p).map_err(|(key, msg)| (Some(name.clone()), key, msg))?;
+        if p.cluster && !p.auth.is_login() {
+            return bad(
+                "cluster",
+                "only `oauth` and `claude-cli` logins can be shared".into(),
+            );
+        }
+        if p.cluster && cfg.cluster.is_none() {
+            return bad(
+                "cluster",
+                "`cluster = true` needs a `[cluster]` section with `etcd = [...]`".into(),
+            );
+        }
         for (key, url) in [
             ("base_url", &p.base_url),
             ("token_endpoint", &p.token_endpoint),
@@ -817,6 +881,37 @@ fn validate_upstream(p: &ProfileConfig) -> Result<(), (&'static str, String)> {
     ] {
         if set {
             return Err((key, "only `auth = \"upstream\"` profiles use it".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Marks a `[cluster]` error in [`Invalid`].
+const CLUSTER_TABLE: &str = "\0cluster";
+
+fn validate_cluster(c: &ClusterConfig) -> Result<(), (&'static str, String)> {
+    if c.etcd.is_empty() {
+        return Err(("etcd", "list at least one etcd endpoint".into()));
+    }
+    if let Some(u) = c
+        .etcd
+        .iter()
+        .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+    {
+        return Err(("etcd", format!("`{u}` is not an http(s) URL")));
+    }
+    if c.lease_secs < 2 || c.lease_secs > 3600 {
+        return Err(("lease_secs", "must be between 2 and 3600".into()));
+    }
+    if c.cert_file.is_some() != c.key_file.is_some() {
+        return Err(("cert_file", "set both `cert_file` and `key_file`".into()));
+    }
+    if c.username.is_some() != c.password_file.is_some() {
+        return Err(("username", "set both `username` and `password_file`".into()));
+    }
+    if let Some(p) = &c.prefix {
+        if !p.starts_with('/') || !p.ends_with('/') {
+            return Err(("prefix", "must start and end with `/`".into()));
         }
     }
     Ok(())
@@ -972,6 +1067,51 @@ mod tests {
 
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/llmd.toml"))
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let ok = p("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nseal_key_file = \"/k\"\n\n[profiles.w]\nprovider = \"anthropic\"\nauth = \"oauth\"\ncluster = true\n")
+            .expect("valid");
+        let c = ok.cluster.expect("cluster");
+        assert_eq!(c.lease_secs, 10);
+        assert!(ok.profiles["w"].cluster);
+        let no_section =
+            p("[profiles.w]\nprovider = \"anthropic\"\nauth = \"oauth\"\ncluster = true\n")
+                .unwrap_err();
+        assert!(no_section.0.contains("profiles.w.cluster"), "{no_section}");
+        let not_login = p("[cluster]\netcd = [\"http://e:2379\"]\nseal_key_file = \"/k\"\n[profiles.k]\nprovider = \"anthropic\"\nauth = \"api-key\"\ncluster = true\n")
+            .unwrap_err();
+        assert!(
+            not_login.0.contains("only `oauth` and `claude-cli`"),
+            "{not_login}"
+        );
+        for (bad, key) in [
+            ("etcd = []\nseal_key_file = \"/k\"", "cluster.etcd"),
+            (
+                "etcd = [\"e:2379\"]\nseal_key_file = \"/k\"",
+                "cluster.etcd",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"/k\"\nlease_secs = 1",
+                "cluster.lease_secs",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"k\"",
+                "cluster.seal_key_file",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"/k\"\ncert_file = \"/c\"",
+                "cluster.cert_file",
+            ),
+            (
+                "etcd = [\"http://e\"]\nseal_key_file = \"/k\"\nprefix = \"llmd\"",
+                "cluster.prefix",
+            ),
+        ] {
+            let e = p(&format!("[cluster]\n{bad}\n")).unwrap_err();
+            assert!(e.0.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod follower;

@@ -108,7 +108,21 @@ impl<W: Write> Write for Escaping<W> {
 }
 
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_env("LLMD_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+    let mut f = EnvFilter::try_from_env("LLMD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The etcd client's gRPC stack logs every HTTP/2 frame at debug: keep `LLMD_LOG=debug`
+    // about llmd (a directive naming one of these crates still overrides this).
+    for quiet in [
+        "h2=info",
+        "tower=info",
+        "hyper=info",
+        "hyper_util=info",
+        "tonic=info",
+    ] {
+        if let Ok(d) = quiet.parse() {
+            f = f.add_directive(d);
+        }
+    }
+    f
 }
 
 /// True when `JOURNAL_STREAM` (`device:inode`, set by systemd) names the file that stderr

@@ -55,6 +55,8 @@ pub struct Profile {
     /// The serialized `token` answer of the last token served, shared by every connection
     /// without a lock (replaced only when the token changes).
     answer: ArcSwapOption<Answer>,
+    /// The cluster state of a shared login.
+    cluster: Option<tokio::sync::watch::Receiver<crate::cluster::Status>>,
 }
 
 /// A serialized `token`/`refresh` result and the token it was built from.
@@ -89,6 +91,8 @@ pub struct Env<'a> {
     pub events: &'a broadcast::Sender<Event>,
     /// `[usage] warn_at`.
     pub warn_at: &'a [f64],
+    /// `[cluster]`, when configured.
+    pub cluster: Option<&'a crate::cluster::Hub>,
 }
 
 impl Profile {
@@ -101,6 +105,7 @@ impl Profile {
         env: &Env<'_>,
         logins: &mut Vec<(LoginKey, LoginHandle)>,
     ) -> Profile {
+        let mut cluster = None;
         let credential = match cfg.auth {
             AuthKind::Upstream => {
                 Credential::Follower(crate::follower::Follower::spawn(crate::follower::Spec {
@@ -119,6 +124,7 @@ impl Profile {
             AuthKind::Oauth | AuthKind::ClaudeCli => {
                 let key = LoginKey::of(name, cfg, env);
                 let file = key.file();
+                let shared = key.cluster.then(|| key.source.clone());
                 // One task per login file, whatever the profiles or reloads: a reused task
                 // takes the new settings instead of a second task being started.
                 let handle = match logins.iter_mut().find(|(k, _)| k.file() == file) {
@@ -158,6 +164,10 @@ impl Profile {
                         h
                     }
                 };
+                if let (Some(source), Some(hub)) = (shared, env.cluster) {
+                    hub.start(name, &file, &handle, source);
+                    cluster = Some(hub.status(&file));
+                }
                 Credential::Login(handle)
             }
         };
@@ -168,6 +178,7 @@ impl Profile {
             limiter: Arc::new(RateLimiter::new(cfg.rate_limit.as_ref())),
             quota: Arc::new(QuotaTracker::new(name, env.events.clone(), env.warn_at)),
             answer: ArcSwapOption::empty(),
+            cluster,
         }
     }
 
@@ -395,6 +406,7 @@ impl Profile {
             default_model: self.config.default_model.clone(),
             upstream: None,
             quota: self.quota.snapshot(),
+            cluster: None,
         };
         match &self.credential {
             Credential::Static(Ok(_)) => {}
@@ -409,6 +421,8 @@ impl Profile {
                 s.last_refresh_at = snap.last_refresh_at;
                 s.refresh_count = snap.refresh_count;
                 s.last_error = snap.last_error.clone();
+                drop(snap);
+                s.cluster = self.cluster.as_ref().map(|c| c.borrow().to_proto());
             }
             Credential::Follower(f) => {
                 let (state, expires_at, last, count, error, upstream) = f.status();
@@ -583,6 +597,8 @@ pub struct LoginKey {
     pub margin: Duration,
     /// Upstream timeout.
     pub timeout: Duration,
+    /// Shared through `[cluster]`.
+    pub cluster: bool,
     /// Set once a profile of the config being installed uses it (so a second profile
     /// with other settings on the same file is noticed).
     claimed: bool,
@@ -596,7 +612,15 @@ impl PartialEq for LoginKey {
             &self.locks,
             self.margin,
             self.timeout,
-        ) == (&o.source, &o.upstream, &o.locks, o.margin, o.timeout)
+            self.cluster,
+        ) == (
+            &o.source,
+            &o.upstream,
+            &o.locks,
+            o.margin,
+            o.timeout,
+            o.cluster,
+        )
     }
 }
 
@@ -628,6 +652,7 @@ impl LoginKey {
             locks,
             margin,
             timeout: env.timeout,
+            cluster: cfg.cluster && env.cluster.is_some(),
             claimed: false,
         }
     }
@@ -648,11 +673,16 @@ impl LoginKey {
     }
 
     fn settings(&self, env: &Env<'_>) -> Settings {
+        let mut endpoint: Arc<dyn crate::oauth::TokenEndpoint> = Arc::new(HttpEndpoint {
+            upstream: self.upstream.clone(),
+            http: env.http.clone(),
+        });
+        if let (true, Some(hub)) = (self.cluster, env.cluster) {
+            // Only the cluster owner may spend the refresh token.
+            endpoint = hub.gate(&self.file(), endpoint);
+        }
         Settings {
-            endpoint: Arc::new(HttpEndpoint {
-                upstream: self.upstream.clone(),
-                http: env.http.clone(),
-            }),
+            endpoint,
             locks: self.locks.clone(),
             margin: self.margin,
             timeout: self.timeout,
@@ -706,6 +736,7 @@ mod answer_tests {
             credential: Credential::Static(Ok(Secret::new(key))),
             config,
             answer: ArcSwapOption::empty(),
+            cluster: None,
         }
     }
 

@@ -181,6 +181,9 @@ pub enum Command {
     Reconfigure(Settings),
     /// No profile uses the login any more: stop once a refresh in flight has ended.
     Retire,
+    /// Retry now instead of after the backoff (this instance just became the cluster
+    /// owner of the login, whose refreshes it was refused until then).
+    Nudge,
     /// A new login (`login.finish`): write it under the locks and adopt it.
     Install {
         /// The tokens of the new login.
@@ -325,6 +328,29 @@ impl LoginHandle {
         rx.await.map_err(|_| InstallError::Stopped)?
     }
 
+    /// Queues a new login like [`install`](Self::install) without waiting: installs queued
+    /// one after another are applied in that order.
+    pub fn queue_install(
+        &self,
+        tokens: Tokens,
+    ) -> Result<oneshot::Receiver<Result<(), InstallError>>, InstallError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Install { tokens, reply })
+            .map_err(|_| InstallError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// A receiver of the login's snapshots (it keeps the task alive while held).
+    pub fn snapshot_receiver(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Asks the task to retry a failed refresh now.
+    pub fn nudge(&self) {
+        let _ = self.commands.send(Command::Nudge);
+    }
+
     /// True when both handles lead to the same task.
     pub fn same_task(&self, other: &LoginHandle) -> bool {
         self.commands.same_channel(&other.commands)
@@ -445,6 +471,10 @@ impl LoginTask {
                     Some(Command::Reconfigure(settings)) => self.reconfigure(settings),
                     Some(Command::Install { tokens, reply }) => {
                         let _ = reply.send(self.install(tokens).await);
+                    }
+                    Some(Command::Nudge) => {
+                        self.retry_at = None;
+                        self.failures = 0;
                     }
                     Some(Command::Retire) | None => break,
                 },

@@ -62,6 +62,8 @@ pub struct Daemon {
     pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
     /// The usage ledger's request side.
     pub usage: crate::usage::Recorder,
+    /// `[cluster]` as read at start (a reload does not reconnect).
+    cluster: Option<Arc<crate::cluster::Hub>>,
     config_path: PathBuf,
     config_explicit: bool,
     /// Read by every request of every connection, replaced only by a reload: a lock-free
@@ -85,6 +87,12 @@ impl Daemon {
         let http = crate::providers::build_client(Duration::from_secs(10))?;
         let provider_http = crate::providers::HttpClients::new()?;
         let state_dir = config::state_dir(&config.daemon);
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(crate::cluster::Hub::new(
+                crate::cluster::Settings::load(c).map_err(|e| format!("[cluster]: {e}"))?,
+            ))),
+            None => None,
+        };
         let empty = Registry {
             config: Config::default(),
             source: source.clone(),
@@ -102,6 +110,7 @@ impl Daemon {
             tools: ToolRegistry::load(state_dir.join("tools.json")),
             gateway: std::sync::OnceLock::new(),
             usage: crate::usage::Recorder::start(&state_dir, &config.usage),
+            cluster,
             config_path,
             config_explicit,
             registry: ArcSwap::from_pointee(empty),
@@ -249,6 +258,7 @@ impl Daemon {
             http: &self.http,
             events: &self.events,
             warn_at: &config.usage.warn_at,
+            cluster: self.cluster.as_deref(),
         };
         let mut logins: Vec<_> = self
             .registry()

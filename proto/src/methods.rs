@@ -135,6 +135,9 @@ pub struct ProfileStatus {
     /// For `auth = "upstream"` profiles: the upstream llmd it follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamStatus>,
+    /// For `cluster = true` profiles: this instance's part in the etcd cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
     /// The provider's latest rate-limit and quota report for this profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
@@ -201,6 +204,26 @@ pub struct PoolMemberStatus {
     pub skipped: Option<String>,
     /// Requests this pool sent to it since start.
     pub served: u64,
+}
+
+/// A shared login's cluster state (DESIGN.md, "Cluster").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// `owner` (this instance refreshes), `follower`, or `disconnected` (etcd unreachable).
+    #[serde(default)]
+    pub role: String,
+    /// The instance that owns the login now, when known.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Milliseconds left on this instance's lease, when it owns the login.
+    #[serde(default)]
+    pub lease_remaining_ms: Option<u64>,
+    /// etcd revision of the login's value last seen (0: none yet).
+    #[serde(default)]
+    pub revision: i64,
+    /// Why the instance is not in sync, free of secrets.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Where a follower profile gets its tokens, and whether it reaches it now.

@@ -330,6 +330,20 @@ impl Daemon {
         );
     }
 
+    /// kill -9: the daemon gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the daemon again in the same home (after [`kill`](Self::kill)).
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.spawn(true);
+    }
+
     /// Restarts the daemon in the same home.
     pub fn restart(&mut self) {
         self.stop();

@@ -69,6 +69,9 @@ pub struct Inner {
     pub user_codes: HashMap<String, (String, u32)>,
     /// How many polls of a new user code answer "pending" before it counts as approved.
     pub polls_before_approval: u32,
+    /// Expiry (unix milliseconds) of every access token issued by a refresh, so a test can
+    /// check that a token it was served was valid then.
+    pub expiry_ms_of: HashMap<String, i64>,
 }
 
 /// A running fake token endpoint.
@@ -108,6 +111,7 @@ impl FakeOAuth {
             answered: Arc::new(tokio::sync::Notify::new()),
             user_codes: HashMap::new(),
             polls_before_approval: 1,
+            expiry_ms_of: HashMap::new(),
         }));
         let app = Router::new()
             .route("/v1/oauth/token", post(token_json))
@@ -406,6 +410,8 @@ fn decide(s: &mut Inner, body: &Value, mode: Mode, lifetime_field: &str) -> Resp
     s.generation += 1;
     s.rotations += 1;
     s.valid_refresh = refresh_of(s.generation);
+    let expiry = unix_now_ms() + s.lifetime_secs * 1000;
+    s.expiry_ms_of.insert(access_of(s.generation), expiry);
     issue(s.generation, s.lifetime_secs, lifetime_field)
 }
 
@@ -448,4 +454,24 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (u16, Valu
         .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The refresh tokens presented to the `refresh_token` grant, in order.
+pub fn presented_refresh_tokens(inner: &Inner) -> Vec<String> {
+    inner
+        .requests
+        .iter()
+        .filter(|(b, _)| b.get("grant_type").and_then(Value::as_str) == Some("refresh_token"))
+        .filter_map(|(b, _)| {
+            b.get("refresh_token")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
 }

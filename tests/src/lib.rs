@@ -3,6 +3,7 @@
 
 pub mod claude_code;
 pub mod daemon;
+pub mod etcd;
 pub mod fake_oauth;
 pub mod fake_providers;
 pub mod fake_tls;
