@@ -19,12 +19,28 @@ pub fn etcd_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, below the kernel's ephemeral range (32768–60999 by
+/// default). A port from `bind(0)` is in that range, where every outgoing connection of
+/// the tests takes its local port, and one did take it before etcd could bind it.
+/// Ports are handed out once per test process, from a start that depends on the pid.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = LOW + (std::process::id() % u32::from(HIGH - LOW)) as u16;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in LOW..HIGH {
+        let mut p = NEXT.fetch_add(1, Ordering::SeqCst);
+        if !(LOW..HIGH).contains(&p) {
+            NEXT.store(LOW + 1, Ordering::SeqCst);
+            p = LOW;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in {LOW}..{HIGH}");
 }
 
 struct Member {

@@ -243,18 +243,40 @@ async fn three_instances_share_one_login_through_crashes_pauses_and_partitions()
             "round {round}: node{owner} paused; node{next} owns the login after {:?}",
             t0.elapsed()
         );
-        // Let the new owner rotate the login under the paused one.
+        // Let the new owner rotate the login under the paused one. When the pause caught
+        // the old owner inside a refresh (its intent to spend the token is in etcd, its
+        // result is not), the new owner must wait for it instead of spending the same
+        // refresh token again: then the refresh comes once the old owner runs again.
         let generation = fake.generation();
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut waited_for_paused = false;
         while fake.generation() == generation {
-            assert!(
-                Instant::now() < deadline,
-                "the new owner never refreshed: {}",
-                all_logs(&nodes)
-            );
+            if Instant::now() >= deadline {
+                waited_for_paused = nodes[next]
+                    .logs()
+                    .contains(&format!("node{owner} refreshed this login"));
+                assert!(
+                    waited_for_paused,
+                    "the new owner never refreshed: {}",
+                    all_logs(&nodes)
+                );
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         nodes[owner].signal(libc::SIGCONT);
+        if waited_for_paused {
+            eprintln!("round {round}: node{next} waited for node{owner}'s unfinished refresh");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while fake.generation() == generation {
+                assert!(
+                    Instant::now() < deadline,
+                    "the paused owner's refresh never finished: {}",
+                    all_logs(&nodes)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         tokio::time::sleep(Duration::from_secs(4)).await;
 
         // 3. One etcd member dies (quorum stays), and comes back.

@@ -40,6 +40,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const OLDER_KEPT: usize = 64;
 /// A follower asks its login task to come back this soon.
 const FOLLOWER_RETRY: Duration = Duration::from_secs(1);
+/// An intent to spend a refresh token whose result never reached etcd is honoured this
+/// many lease lengths (at least [`MIN_INTENT_WAIT`]) before a new owner spends it anyway.
+const INTENT_LEASES: u64 = 6;
+/// Shortest wait on another instance's unfinished refresh.
+const MIN_INTENT_WAIT: Duration = Duration::from_secs(30);
 
 /// What the task needs.
 pub struct Spec {
@@ -91,6 +96,7 @@ pub fn spawn(spec: Spec) {
     let task = Task {
         login_key: format!("{p}login"),
         owner_key: format!("{p}owner"),
+        spending_key: format!("{p}spending"),
         dir: p,
         spec,
         rev: 0,
@@ -109,6 +115,13 @@ struct Task {
     dir: String,
     login_key: String,
     owner_key: String,
+    /// The owner's intent, written before it calls the token endpoint and deleted with the
+    /// write of its result: a successor that finds it naming the refresh token etcd still
+    /// holds knows that token was (perhaps) spent by a refresh whose result is not in etcd
+    /// yet (its owner lost etcd between the call and the write), and waits for that owner
+    /// instead of spending the token a second time (`invalid_grant`, or worse, a revoked
+    /// login family).
+    spending_key: String,
     /// `mod_revision` of the login key last seen (0: absent).
     rev: i64,
     /// The tokens at `rev`.
@@ -457,7 +470,10 @@ impl Task {
                 CompareOp::Equal,
                 self.rev,
             )])
-            .and_then([TxnOp::put(self.login_key.as_str(), sealed, None)])
+            .and_then([
+                TxnOp::put(self.login_key.as_str(), sealed, None),
+                TxnOp::delete(self.spending_key.as_str(), None),
+            ])
             .or_else([TxnOp::get(self.login_key.as_str(), None)]);
         let resp = call(client.txn(txn)).await?;
         if resp.succeeded() {
@@ -525,6 +541,19 @@ impl Task {
             }));
             return Ok(());
         }
+        if let Some(why) = self.spent_elsewhere(client, &current).await? {
+            let _ = reply.send(Err(RefreshError::Transient {
+                why,
+                retry_after: Some(FOLLOWER_RETRY),
+            }));
+            return Ok(());
+        }
+        if !self.mark_spending(client, &current).await? {
+            let _ = reply.send(Err(RefreshError::transient(
+                "cluster: the login changed in etcd",
+            )));
+            return Ok(());
+        }
         let limit = crate::refresh::late_limit(Duration::from_secs(30));
         let answer = match tokio::time::timeout(limit, endpoint.refresh(&current)).await {
             Ok(a) => a,
@@ -533,6 +562,12 @@ impl Task {
         let new = match answer {
             Ok(new) => new,
             Err(e) => {
+                // A refused token is spent for everyone: nothing left to wait for. After
+                // any other failure the token may or may not have been spent (a lost
+                // answer), so the intent stays; this owner may still retry it.
+                if matches!(e, RefreshError::Dead(_)) {
+                    let _ = self.clear_spending(client).await;
+                }
                 let _ = reply.send(Err(e));
                 return Ok(());
             }
@@ -562,6 +597,89 @@ impl Task {
             }
         }
     }
+}
+
+impl Task {
+    /// Why this owner must not spend `current`'s refresh token now: another instance
+    /// wrote an intent to spend exactly it, recently, and its result is not in etcd.
+    async fn spent_elsewhere(
+        &self,
+        client: &mut Client,
+        current: &Tokens,
+    ) -> Result<Option<String>, SessionError> {
+        let resp = call(client.get(self.spending_key.as_str(), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let Some((who, at_ms, sealed)) = split_intent(kv.value()) else {
+            return Ok(None);
+        };
+        if who == self.spec.settings.name {
+            // Our own (an earlier call that never answered): the refresh engine's own
+            // rules for late answers apply, as on a single host.
+            return Ok(None);
+        }
+        let Ok(spending) = self.spec.settings.sealer.open(&self.spending_key, sealed) else {
+            return Ok(None);
+        };
+        if spending.refresh != current.refresh {
+            return Ok(None);
+        }
+        let wait = Duration::from_secs(self.spec.settings.lease_secs.saturating_mul(INTENT_LEASES))
+            .max(MIN_INTENT_WAIT);
+        let age = Duration::from_millis(unix_ms().saturating_sub(at_ms));
+        if age >= wait {
+            tracing::warn!(profile = %self.spec.profile, instance = %who, "cluster: an earlier owner never wrote the result of its refresh; refreshing anyway");
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "cluster: {who} refreshed this login {}s ago and has not written the result to etcd yet; waiting for it (at most {}s) rather than spending the same refresh token twice",
+            age.as_secs(),
+            wait.as_secs()
+        )))
+    }
+
+    /// Writes this owner's intent to spend `current`'s refresh token, fenced like the
+    /// write of the result. False: the login changed in etcd meanwhile.
+    async fn mark_spending(
+        &mut self,
+        client: &mut Client,
+        current: &Tokens,
+    ) -> Result<bool, SessionError> {
+        let mut value = format!("{}\n{}\n", self.spec.settings.name, unix_ms()).into_bytes();
+        value.extend(self.spec.settings.sealer.seal(&self.spending_key, current));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                self.login_key.as_str(),
+                CompareOp::Equal,
+                self.rev,
+            )])
+            .and_then([TxnOp::put(self.spending_key.as_str(), value, None)]);
+        Ok(call(client.txn(txn)).await?.succeeded())
+    }
+
+    /// Removes this owner's intent after a refresh that spent nothing.
+    async fn clear_spending(&mut self, client: &mut Client) -> Result<(), SessionError> {
+        call(client.delete(self.spending_key.as_str(), None)).await?;
+        Ok(())
+    }
+}
+
+/// `name \n unix_ms \n sealed tokens`.
+fn split_intent(v: &[u8]) -> Option<(&str, u64, &[u8])> {
+    let first = v.iter().position(|&b| b == b'\n')?;
+    let (name, rest) = (&v[..first], &v[first + 1..]);
+    let second = rest.iter().position(|&b| b == b'\n')?;
+    let (at, sealed) = (&rest[..second], &rest[second + 1..]);
+    let name = std::str::from_utf8(name).ok()?;
+    let at = std::str::from_utf8(at).ok()?.parse().ok()?;
+    Some((name, at, sealed))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Keeps the lease alive at a third of its TTL and publishes when it runs out (`None`
@@ -598,5 +716,21 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_split_into_owner_time_and_sealed_tokens() {
+        let v = b"node1\n1700000000123\n\x00\x01sealed\nbytes";
+        let (who, at, sealed) = split_intent(v).unwrap();
+        assert_eq!((who, at), ("node1", 1_700_000_000_123));
+        assert_eq!(sealed, b"\x00\x01sealed\nbytes");
+        assert!(split_intent(b"node1").is_none());
+        assert!(split_intent(b"node1\nnot-a-number\nx").is_none());
+        assert!(split_intent(b"\xff\xfe\n1\nx").is_none());
     }
 }
