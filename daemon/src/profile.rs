@@ -217,30 +217,53 @@ impl Profile {
     }
 
     /// The `token` answer when it needs no waiting: a key (or why there is none), or a
-    /// login whose token stays valid `min_valid` more seconds. `None`: the login task must
-    /// be asked (a refresh is due). The JSON is built once per token and shared.
-    pub fn ready_answer(&self, min_valid: u64) -> Option<Result<Arc<Answer>, RpcError>> {
-        match &self.credential {
-            Credential::Static(Ok(k)) => Some(self.answer(k, None, Vec::new)),
-            Credential::Static(Err(why)) => Some(Err(self.missing(why))),
+    /// login whose token stays valid `min_valid` more seconds, handed to `f`. `None`: the
+    /// login task must be asked (a refresh is due). The JSON is built once per token and
+    /// shared; `f` reads it under the shared answer's read guard, without a clone.
+    pub fn ready_answer<R>(
+        &self,
+        min_valid: u64,
+        f: impl FnOnce(Result<&str, &RpcError>) -> R,
+    ) -> Option<R> {
+        let (token, e, scopes) = match &self.credential {
+            Credential::Static(Ok(k)) => {
+                let shared = self.answer.load();
+                if let Some(a) = shared
+                    .as_ref()
+                    .filter(|a| a.token == *k && a.expires_at.is_none())
+                {
+                    return Some(f(Ok(&a.json)));
+                }
+                (k.clone(), None, Vec::new())
+            }
+            Credential::Static(Err(why)) => return Some(f(Err(&self.missing(why)))),
             Credential::Login(h) => {
                 // The snapshot is a read guard on the login's `watch`, which blocks the
                 // login task's next publish: held only to compare with the shared answer.
                 // A new token is copied out and the answer built without it (that build
                 // reads Claude Code's file); a second borrow under it would deadlock.
-                let (token, e, scopes) = {
+                let shared = self.answer.load();
+                let new = {
                     let snap = h.snapshot();
                     let (t, e) = snap.valid_token(min_valid)?;
-                    if let Some(a) = self.shared_answer(t, e) {
-                        return Some(Ok(a));
-                    }
-                    (t.clone(), e, snap.scopes.clone())
+                    let current = shared
+                        .as_ref()
+                        .is_some_and(|a| a.token == *t && a.expires_at == e);
+                    (!current).then(|| (t.clone(), e, snap.scopes.clone()))
                 };
-                Some(self.answer(&token, e, || scopes))
+                match new {
+                    // Compared equal under the snapshot: the shared answer is current.
+                    None => return shared.as_ref().map(|a| f(Ok(&a.json))),
+                    Some(new) => new,
+                }
             }
             // A follower's answer comes from its upstream: the slow path.
-            Credential::Follower(_) => None,
-        }
+            Credential::Follower(_) => return None,
+        };
+        Some(match self.answer(&token, e, || scopes) {
+            Ok(a) => f(Ok(&a.json)),
+            Err(err) => f(Err(&err)),
+        })
     }
 
     /// The shared answer for `token`, built (with `scopes`, what a follower's mirror
@@ -743,13 +766,14 @@ mod answer_tests {
     #[test]
     fn the_token_answer_is_built_once_and_shared() {
         let p = key_profile("sk-ant-api03-one");
-        let a = p.ready_answer(0).unwrap().unwrap();
-        let b = p.ready_answer(3600).unwrap().unwrap();
-        assert!(
-            Arc::ptr_eq(&a, &b),
-            "the same serialized answer, not a copy"
-        );
-        let v: serde_json::Value = serde_json::from_str(&a.json).unwrap();
+        let at = |r: Result<&str, &RpcError>| r.unwrap().as_ptr();
+        let a = p.ready_answer(0, at).unwrap();
+        let b = p.ready_answer(3600, at).unwrap();
+        assert_eq!(a, b, "the same serialized answer, not a copy");
+        let shared = p.answer.load();
+        let json = &shared.as_ref().expect("kept").json;
+        assert_eq!(json.as_ptr(), a);
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["token"], "sk-ant-api03-one");
         assert_eq!(v["headers"]["x-api-key"], "sk-ant-api03-one");
         assert!(v["expires_at"].is_null());
@@ -782,7 +806,7 @@ mod answer_tests {
             what: "API key",
             hint: "set LLMD_NOPE".into(),
         }));
-        let e = p.ready_answer(0).unwrap().unwrap_err();
+        let e = p.ready_answer(0, |r| r.unwrap_err().clone()).unwrap();
         assert_eq!(e.code, RpcError::new(ErrorKind::MissingCredential, "").code);
     }
 }

@@ -126,6 +126,12 @@ impl Daemon {
         self.registry.load_full()
     }
 
+    /// The registry, borrowed for a moment: no reference count is taken (the hot path
+    /// reads it at every request, from every connection).
+    pub fn current(&self) -> arc_swap::Guard<Arc<Registry>> {
+        self.registry.load()
+    }
+
     /// A profile by name, or `unknown_profile` (`invalid_params` for a pool, which the
     /// methods that serve pools look up with [`Daemon::target`] first).
     pub fn profile(&self, name: &str) -> Result<Arc<Profile>, RpcError> {

@@ -4,11 +4,12 @@ use crate::error::{ErrorKind, RpcError};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::fmt;
 
 /// A request id: a number, a string or null (JSON-RPC 2.0 allows all three; null is
 /// discouraged but still a request that gets an answer).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum Id {
     /// Numeric id.
@@ -17,6 +18,41 @@ pub enum Id {
     Str(String),
     /// `"id": null`.
     Null,
+}
+
+/// Read by hand rather than `untagged`: an untagged enum buffers the value and tries each
+/// variant in turn, and every request's id goes through this.
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl<'de> de::Visitor<'de> for IdVisitor {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a request id: an integer, a string or null")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Id, E> {
+                Ok(Id::Num(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Id, E> {
+                i64::try_from(v)
+                    .map(Id::Num)
+                    .map_err(|_| E::custom("a numeric request id must fit in 64 signed bits"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Id, E> {
+                Ok(Id::Str(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Id, E> {
+                Ok(Id::Str(v))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Id, E> {
+                Ok(Id::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Id, E> {
+                Ok(Id::Null)
+            }
+        }
+        d.deserialize_any(IdVisitor)
+    }
 }
 
 impl fmt::Display for Id {
@@ -70,6 +106,35 @@ pub struct Request {
     pub params: Option<Box<RawValue>>,
 }
 
+/// A [`Request`] borrowed from the line it was read from: the server reads this first, so
+/// a request answered at once allocates neither its method nor its params.
+#[derive(Debug, Deserialize)]
+pub struct RequestRef<'a> {
+    /// Always `"2.0"`.
+    pub jsonrpc: V2,
+    /// As [`Request::id`].
+    #[serde(default, deserialize_with = "present_id")]
+    pub id: Option<Id>,
+    /// Method name (owned only when it holds escapes).
+    #[serde(borrow)]
+    pub method: Cow<'a, str>,
+    /// Method params, raw.
+    #[serde(borrow, default)]
+    pub params: Option<&'a RawValue>,
+}
+
+impl RequestRef<'_> {
+    /// The owned request, for work that outlives the line.
+    pub fn to_owned(&self) -> Request {
+        Request {
+            jsonrpc: V2,
+            id: self.id.clone(),
+            method: self.method.clone().into_owned(),
+            params: self.params.map(ToOwned::to_owned),
+        }
+    }
+}
+
 /// A present `id` field, null included (plain `Option` would read null as absent).
 fn present_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
     Id::deserialize(d).map(Some)
@@ -83,7 +148,15 @@ impl Request {
     // caller a pattern change for nothing on the hot path.
     #[allow(clippy::result_large_err)]
     pub fn parse(line: &[u8]) -> Result<Request, (Option<Id>, RpcError)> {
-        match serde_json::from_slice::<Request>(line) {
+        RequestRef::parse(line).map(|r| r.to_owned())
+    }
+}
+
+impl<'a> RequestRef<'a> {
+    /// [`Request::parse`], borrowing from `line`.
+    #[allow(clippy::result_large_err)]
+    pub fn parse(line: &'a [u8]) -> Result<RequestRef<'a>, (Option<Id>, RpcError)> {
+        match serde_json::from_slice::<RequestRef<'a>>(line) {
             Ok(req) => Ok(req),
             Err(e) => match e.classify() {
                 serde_json::error::Category::Data => {
@@ -211,6 +284,25 @@ mod tests {
                 .unwrap();
         assert_eq!(req.id, Some(Id::Str("a".into())));
         assert_eq!(req.params.unwrap().get(), r#"{"x":1}"#);
+    }
+
+    #[test]
+    fn ids_are_integers_strings_or_null() {
+        let id = |json: &str| serde_json::from_str::<Id>(json);
+        assert_eq!(id("7").unwrap(), Id::Num(7));
+        assert_eq!(id("-3").unwrap(), Id::Num(-3));
+        assert_eq!(id(r#""a\"b""#).unwrap(), Id::Str("a\"b".into()));
+        assert_eq!(id("null").unwrap(), Id::Null);
+        for bad in ["1.5", "18446744073709551615", "true", "[1]", "{}"] {
+            assert!(id(bad).is_err(), "{bad} is no id");
+        }
+        let (id, e) = Request::parse(br#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#).unwrap_err();
+        assert_eq!(id, None);
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest);
+        for id in [Id::Num(-1), Id::Str("x".into()), Id::Null] {
+            let back: Id = serde_json::from_str(&serde_json::to_string(&id).unwrap()).unwrap();
+            assert_eq!(back, id);
+        }
     }
 
     #[test]

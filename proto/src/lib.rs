@@ -12,7 +12,7 @@ pub mod paths;
 
 pub use codec::{encode_line, FrameTooLarge, LineDecoder};
 pub use error::{ErrorKind, RpcError};
-pub use jsonrpc::{Id, Incoming, Notification, Request, Response};
+pub use jsonrpc::{Id, Incoming, Notification, Request, RequestRef, Response};
 
 /// Protocol version spoken by this crate; `hello` reports it.
 pub const PROTOCOL_VERSION: u32 = 1;

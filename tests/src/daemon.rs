@@ -155,6 +155,17 @@ impl DaemonBuilder {
             let p = home.join(rel);
             if let Some(parent) = p.parent() {
                 std::fs::create_dir_all(parent).expect("mkdir");
+                // llmd's own folders are private, as llmd makes them: a 0755 state folder
+                // would keep the usage ledger off in every test that seeds a login.
+                if rel.starts_with("state/") {
+                    for dir in parent
+                        .ancestors()
+                        .take_while(|d| d.starts_with(home.join("state")))
+                    {
+                        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                            .expect("chmod state folder");
+                    }
+                }
             }
             std::fs::write(&p, contents.replace("{home}", &home.to_string_lossy()))
                 .expect("write file");

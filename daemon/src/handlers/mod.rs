@@ -14,11 +14,11 @@ pub mod tools;
 pub mod usage;
 
 use crate::server::connection::Conn;
-use crate::server::{Dispatcher, Ready};
+use crate::server::Dispatcher;
 use crate::state::Daemon;
 use futures_util::future::BoxFuture;
 use llmd_proto::methods::names;
-use llmd_proto::{ErrorKind, Id, Request, RpcError};
+use llmd_proto::{ErrorKind, Id, RpcError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -48,10 +48,16 @@ impl Handlers {
 }
 
 impl Dispatcher for Handlers {
-    fn ready(&self, conn: &Conn, req: &Request) -> Option<Ready> {
-        match req.method.as_str() {
-            names::TOKEN => token::ready(&self.daemon, conn, req.params.as_deref()),
-            _ => None,
+    fn ready(
+        &self,
+        conn: &Conn,
+        method: &str,
+        params: Option<&RawValue>,
+        answer: &mut dyn FnMut(Result<&str, &RpcError>),
+    ) -> bool {
+        match method {
+            names::TOKEN => token::ready(&self.daemon, conn, params, answer),
+            _ => false,
         }
     }
 
@@ -106,22 +112,27 @@ pub async fn dispatch(
 
 /// Parses params into `T`; absent params count as `{}`. The error names the field.
 pub fn parse<T: DeserializeOwned>(params: Option<&RawValue>) -> Result<T, RpcError> {
+    parse_borrowed(params)
+}
+
+/// [`parse`] into a type that may borrow from the params.
+pub fn parse_borrowed<'a, T: serde::Deserialize<'a>>(
+    params: Option<&'a RawValue>,
+) -> Result<T, RpcError> {
     let text = params.map_or("{}", RawValue::get);
-    serde_json::from_str(text).map_err(|e| {
-        let msg = e.to_string();
-        // serde's messages carry " at line 1 column N", which means nothing to a caller.
-        let msg = msg.split(" at line ").next().unwrap_or(&msg);
-        RpcError::invalid_params(format!("invalid params: {msg}"))
-    })
+    serde_json::from_str(text).map_err(invalid_params)
+}
+
+fn invalid_params(e: serde_json::Error) -> RpcError {
+    let msg = e.to_string();
+    // serde's messages carry " at line 1 column N", which means nothing to a caller.
+    let msg = msg.split(" at line ").next().unwrap_or(&msg);
+    RpcError::invalid_params(format!("invalid params: {msg}"))
 }
 
 /// Like [`parse`], from a value already read (when a handler looked at the raw shape first).
 pub fn parse_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, RpcError> {
-    serde_json::from_value(v).map_err(|e| {
-        let msg = e.to_string();
-        let msg = msg.split(" at line ").next().unwrap_or(&msg);
-        RpcError::invalid_params(format!("invalid params: {msg}"))
-    })
+    serde_json::from_value(v).map_err(invalid_params)
 }
 
 /// Serializes a result.

@@ -1,47 +1,72 @@
 //! `token` and `refresh`: a valid token with the provider's auth headers.
 
-use super::{ok, parse, Ctx, Reply};
-use crate::profile::Answer;
+use super::{ok, parse, parse_borrowed, Ctx, Reply};
 use crate::refresh::Force;
 use crate::server::connection::Conn;
-use crate::server::{Ready, SharedJson};
-use crate::state::Daemon;
-use crate::state::Target;
+use crate::state::{Daemon, Target};
 use crate::sync::lock;
 use llmd_proto::methods::{ProfileParams, TokenParams};
+use llmd_proto::RpcError;
 use serde_json::value::RawValue;
-use std::sync::Arc;
 
-impl SharedJson for Answer {
-    fn json(&self) -> &str {
-        &self.json
-    }
+/// [`TokenParams`] borrowed from the request line: the fast path allocates no name.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenParamsRef<'a> {
+    #[serde(borrow)]
+    profile: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    min_valid_secs: Option<u64>,
 }
 
-/// The `token` answer when it needs no waiting (see [`crate::profile::Profile::ready_answer`]);
-/// bad params and unknown profiles are answered at once too.
-pub fn ready(daemon: &Daemon, conn: &Conn, params: Option<&RawValue>) -> Option<Ready> {
-    let p: TokenParams = match parse(params) {
+/// Answers `token` at once when it needs no waiting (see
+/// [`crate::profile::Profile::ready_answer`]); bad params and unknown profiles too. The
+/// shared answer is written out under the registry's and the profile's read guards: no
+/// reference count shared by every connection is touched.
+pub fn ready(
+    daemon: &Daemon,
+    conn: &Conn,
+    params: Option<&RawValue>,
+    answer: &mut dyn FnMut(Result<&str, &RpcError>),
+) -> bool {
+    let p: TokenParamsRef<'_> = match parse_borrowed(params) {
         Ok(p) => p,
-        Err(e) => return Some(Err(e)),
+        Err(e) => {
+            answer(Err(&e));
+            return true;
+        }
     };
-    let profile = match daemon.target(&p.profile) {
-        Ok(Target::Profile(p)) => p,
-        // A pool picks a member per call: the slow path.
-        Ok(Target::Pool(_)) => return None,
-        Err(e) => return Some(Err(e)),
+    let registry = daemon.current();
+    let Some(profile) = registry.profiles.get(&*p.profile) else {
+        if registry.pools.contains_key(&*p.profile) {
+            // A pool picks a member per call: the slow path.
+            return false;
+        }
+        answer(Err(&RpcError::unknown_profile(&p.profile)));
+        return true;
     };
-    let answer = profile.ready_answer(p.min_valid_secs.unwrap_or(0))?;
-    if answer.is_ok() {
-        count(daemon, conn, &p.profile);
+    let served = profile.ready_answer(p.min_valid_secs.unwrap_or(0), |r| {
+        let ok = r.is_ok();
+        answer(r);
+        ok
+    });
+    match served {
+        None => false,
+        Some(ok) => {
+            if ok {
+                count(daemon, conn, &p.profile);
+            }
+            true
+        }
     }
-    Some(answer.map(|a| a as Arc<dyn SharedJson>))
 }
 
 /// Counts a served `token` call for the ledger (a counter, not a row).
 fn count(daemon: &Daemon, conn: &Conn, profile: &str) {
-    let agent = lock(&conn.client);
-    daemon.usage.count_token(profile, agent.as_deref());
+    if daemon.usage.counting() {
+        let agent = lock(&conn.client);
+        daemon.usage.count_token(profile, agent.as_deref());
+    }
 }
 
 /// A token valid for `min_valid_secs` (default 0), refreshing first only when needed.

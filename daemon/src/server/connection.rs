@@ -8,15 +8,19 @@ use crate::sync::lock;
 use futures_util::FutureExt;
 use interprocess::local_socket::tokio::Stream;
 use llmd_proto::methods::{names, CancelParams, Empty};
-use llmd_proto::{encode_line, ErrorKind, Id, LineDecoder, Request, Response, RpcError};
+use llmd_proto::{encode_line, ErrorKind, Id, LineDecoder, RequestRef, Response, RpcError};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
 /// Per-connection state shared by the request tasks.
@@ -34,7 +38,7 @@ pub struct Conn {
     pub gone: CancellationToken,
     /// Cancelled when no more requests will be read; subscriptions end then.
     pub closing: CancellationToken,
-    inflight: Mutex<HashMap<Slot, AbortHandle>>,
+    inflight: InFlight,
     /// Ends the current subscription; a later `subscribe` replaces it.
     pub subscription: Mutex<Option<CancellationToken>>,
     /// How long a stream waits for room in this connection's queue.
@@ -52,19 +56,17 @@ pub struct Conn {
 /// One writer at a time on the socket, so lines never interleave.
 #[derive(Default)]
 struct Turn {
-    busy: std::sync::atomic::AtomicBool,
+    busy: AtomicBool,
+    /// Someone waits in [`Turn::take`]: only then does giving the turn back wake anyone
+    /// (`notify_waiters` takes a mutex, and the reader gives the turn back at every answer).
+    wanted: AtomicBool,
     free: tokio::sync::Notify,
 }
 
 impl Turn {
     fn try_take(&self) -> bool {
         self.busy
-            .compare_exchange(
-                false,
-                true,
-                std::sync::atomic::Ordering::Acquire,
-                std::sync::atomic::Ordering::Relaxed,
-            )
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
             .is_ok()
     }
 
@@ -73,6 +75,8 @@ impl Turn {
             let freed = self.free.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
+            // Said before trying: a holder that gives back after this try failed sees it.
+            self.wanted.store(true, Ordering::SeqCst);
             if self.try_take() {
                 return;
             }
@@ -81,8 +85,40 @@ impl Turn {
     }
 
     fn give_back(&self) {
-        self.busy.store(false, std::sync::atomic::Ordering::Release);
-        self.free.notify_waiters();
+        self.busy.store(false, Ordering::SeqCst);
+        if self.wanted.swap(false, Ordering::SeqCst) {
+            self.free.notify_waiters();
+        }
+    }
+}
+
+/// The connection's requests that run as tasks, by slot.
+#[derive(Default)]
+struct InFlight {
+    tasks: Mutex<HashMap<Slot, AbortHandle>>,
+    /// `tasks.len()`, stored under the lock at every change: the reader, which alone adds
+    /// tasks, checks an id against an empty map without taking the lock.
+    len: AtomicUsize,
+}
+
+impl InFlight {
+    fn remove(&self, slot: &Slot) -> Option<AbortHandle> {
+        let mut tasks = lock(&self.tasks);
+        let h = tasks.remove(slot);
+        self.len.store(tasks.len(), Ordering::Release);
+        h
+    }
+
+    fn take_all(&self) -> Vec<AbortHandle> {
+        let mut tasks = lock(&self.tasks);
+        self.len.store(0, Ordering::Release);
+        tasks.drain().map(|(_, h)| h).collect()
+    }
+
+    /// Whether request `id` is running as a task.
+    fn contains(&self, id: &Id) -> bool {
+        self.len.load(Ordering::Acquire) > 0
+            && lock(&self.tasks).contains_key(&Slot::Id(id.clone()))
     }
 }
 
@@ -183,7 +219,7 @@ impl Conn {
 
     /// Aborts the in-flight request `id`; true if there was one.
     pub fn cancel(&self, id: &Id) -> bool {
-        let handle = lock(&self.inflight).remove(&Slot::Id(id.clone()));
+        let handle = self.inflight.remove(&Slot::Id(id.clone()));
         match handle {
             Some(h) => {
                 h.abort();
@@ -194,7 +230,7 @@ impl Conn {
     }
 
     fn abort_all(&self) {
-        for (_, h) in lock(&self.inflight).drain() {
+        for h in self.inflight.take_all() {
             h.abort();
         }
     }
@@ -211,7 +247,8 @@ pub async fn serve(
 ) {
     // `&Stream` reads and writes, so sharing it replaces splitting.
     let stream = Arc::new(stream);
-    let mut rx: &Stream = &stream;
+    let Stream::UdSocket(uds) = &*stream;
+    let uds = uds.inner();
     let cfg = daemon.registry().config.daemon.clone();
     let (out, queue) = mpsc::channel(cfg.max_queued_responses);
     let conn = Arc::new(Conn {
@@ -222,7 +259,7 @@ pub async fn serve(
         out,
         gone: CancellationToken::new(),
         closing: CancellationToken::new(),
-        inflight: Mutex::new(HashMap::new()),
+        inflight: InFlight::default(),
         subscription: Mutex::new(None),
         write_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
         next_anon: std::sync::atomic::AtomicU64::new(0),
@@ -256,6 +293,7 @@ pub async fn serve(
     let gone = gone.cancelled();
     let shutdown = shutdown.cancelled();
     tokio::pin!(gone, shutdown);
+    let mut armed = None;
     'read: loop {
         loop {
             match decoder.decode() {
@@ -284,10 +322,12 @@ pub async fn serve(
             (true, since) => since,
         };
         let deadline = partial_since.map(|since| since + idle);
-        let read = rx.read_buf(decoder.buffer());
-        let n = tokio::select! {
-            r = read => r,
-            _ = sleep_until(deadline) => {
+        let read = read_some(uds, decoder.buffer());
+        let n = match wait_for_read(read, deadline, gone.as_mut(), shutdown.as_mut(), &mut armed)
+            .await
+        {
+            Woke::Read(n) => n,
+            Woke::Idle => {
                 if got_bytes {
                     tracing::debug!("closing connection idle mid-line");
                 } else {
@@ -296,8 +336,11 @@ pub async fn serve(
                 conn.abort_all();
                 break 'read;
             }
-            _ = &mut gone => { conn.abort_all(); break 'read; }
-            _ = &mut shutdown => break 'read,
+            Woke::Gone => {
+                conn.abort_all();
+                break 'read;
+            }
+            Woke::Shutdown => break 'read,
         };
         match n {
             Ok(0) => {
@@ -354,11 +397,89 @@ fn hangup_watch(stream: &Arc<Stream>, conn: &Arc<Conn>) {
     });
 }
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Reads what the socket has into `buf`. A read that leaves part of the buffer free
+/// drained the socket, so its readiness is cleared at once, as tokio's own `AsyncRead`
+/// does: without that, every request costs one more `recv` that fails with `EAGAIN`
+/// (interprocess's `AsyncRead for &Stream` has no such shortcut).
+async fn read_some(s: &tokio::net::UnixStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use bytes::BufMut;
+    loop {
+        let space = buf.chunk_mut().len();
+        let mut short = None;
+        // `try_io` clears the readiness it saw before the closure ran when the closure
+        // says `WouldBlock`: data that came after the read set a newer readiness, which
+        // stays.
+        let r = s.try_io(tokio::io::Interest::READABLE, || {
+            let n = s.try_read_buf(buf)?;
+            if n > 0 && n < space {
+                short = Some(n);
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(n) = short {
+                    return Ok(n);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        s.readable().await?;
     }
+}
+
+/// Why the reader stopped waiting.
+enum Woke {
+    Read(std::io::Result<usize>),
+    /// The idle deadline passed.
+    Idle,
+    /// The connection is being dropped.
+    Gone,
+    /// The daemon is stopping.
+    Shutdown,
+}
+
+/// Waits for `read`, the idle `deadline` or a cancellation. The cancellations are polled
+/// only when they are not yet registered with this task's waker, or when the task was
+/// woken and the read is still not ready: polling a registered `CancellationToken` wait
+/// takes two mutexes, and doing so at every request was most of the reader's own cost.
+/// A cancellation always wakes the task, so it is never missed: the next poll sees it.
+async fn wait_for_read<R: Future<Output = std::io::Result<usize>>>(
+    read: R,
+    deadline: Option<tokio::time::Instant>,
+    mut gone: Pin<&mut WaitForCancellationFuture<'_>>,
+    mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    armed: &mut Option<Waker>,
+) -> Woke {
+    let mut read = std::pin::pin!(read);
+    let mut idle = std::pin::pin!(deadline.map(tokio::time::sleep_until));
+    let mut woken = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(n) = read.as_mut().poll(cx) {
+            return Poll::Ready(Woke::Read(n));
+        }
+        if let Some(idle) = idle.as_mut().as_pin_mut() {
+            if idle.poll(cx).is_ready() {
+                return Poll::Ready(Woke::Idle);
+            }
+        }
+        let registered = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if std::mem::replace(&mut woken, true) || !registered {
+            if gone.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Gone);
+            }
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Shutdown);
+            }
+            if !registered {
+                *armed = Some(cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Appends a success line answering `id` with a shared result, without parsing it again.
@@ -413,7 +534,7 @@ fn dispatch(
         conn.respond(None, Err(e));
         return;
     }
-    let req = match Request::parse(line) {
+    let req = match RequestRef::parse(line) {
         Ok(r) => r,
         Err((id, e)) => {
             conn.respond(id.as_ref(), Err(e));
@@ -425,29 +546,30 @@ fn dispatch(
         return;
     }
     if req.method == names::CANCEL {
-        let result = cancel(conn, req.params.as_deref());
+        let result = cancel(conn, req.params);
         if req.id.is_some() {
             conn.respond(req.id.as_ref(), result);
         }
         return;
     }
-    if let Some(answer) = dispatcher.ready(conn, &req) {
-        // A request with the id of one still in flight gets the error below instead.
-        let clash = req.id.as_ref().is_some_and(|id| {
-            let inflight = lock(&conn.inflight);
-            !inflight.is_empty() && inflight.contains_key(&Slot::Id(id.clone()))
-        });
-        if !clash {
-            match (&req.id, answer) {
-                (None, _) => {}
-                (Some(id), Ok(shared)) => ready_line(ready, Some(id), shared.json()),
-                (Some(id), Err(e)) => {
-                    ready.extend_from_slice(&encode_line(&Response::err(Some(id), &e)))
-                }
+    // A request with the id of one still in flight gets the error of the task path.
+    let clash = req.id.as_ref().is_some_and(|id| conn.inflight.contains(id));
+    if !clash {
+        let id = req.id.as_ref();
+        let answered = dispatcher.ready(conn, &req.method, req.params, &mut |answer| match (
+            id, answer,
+        ) {
+            (None, _) => {}
+            (Some(id), Ok(json)) => ready_line(ready, Some(id), json),
+            (Some(id), Err(e)) => {
+                ready.extend_from_slice(&encode_line(&Response::err(Some(id), e)))
             }
+        });
+        if answered {
             return;
         }
     }
+    let req = req.to_owned();
     let dispatcher = dispatcher.clone();
     let task_conn = conn.clone();
     // Every log line of the request carries its method and agent (journald fields). The
@@ -458,7 +580,7 @@ fn dispatch(
     } else {
         tracing::Span::none()
     };
-    let mut inflight = lock(&conn.inflight);
+    let mut inflight = lock(&conn.inflight.tasks);
     if inflight.len() >= max_in_flight {
         drop(inflight);
         let e = RpcError::new(
@@ -470,10 +592,7 @@ fn dispatch(
     }
     let slot = match &req.id {
         Some(id) => Slot::Id(id.clone()),
-        None => Slot::Anon(
-            conn.next_anon
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        ),
+        None => Slot::Anon(conn.next_anon.fetch_add(1, Ordering::Relaxed)),
     };
     if inflight.contains_key(&slot) {
         drop(inflight);
@@ -505,7 +624,7 @@ fn dispatch(
             };
             // `cancel` removes the entry and answers itself: then this answer is dropped,
             // so each id gets exactly one response.
-            if lock(&task_conn.inflight).remove(&task_slot).is_none() {
+            if task_conn.inflight.remove(&task_slot).is_none() {
                 return;
             }
             if let Some(id) = &req.id {
@@ -518,6 +637,7 @@ fn dispatch(
         .instrument(span),
     );
     inflight.insert(slot, task.abort_handle());
+    conn.inflight.len.store(inflight.len(), Ordering::Release);
 }
 
 /// Sends the answers the reader gave at once: itself when the socket is free (no hand-over
@@ -614,6 +734,77 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clearing the readiness after a short read never loses data that came after it:
+    /// a ping-pong of many small lines, each sent only after the last was read, and bursts
+    /// written while the reader is between reads, all arrive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_reads_never_lose_what_comes_after_them() {
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (back_tx, mut back_rx) = mpsc::channel::<()>(1);
+        let writer = tokio::spawn(async move {
+            for i in 0..2000u32 {
+                let line = format!("{i}\n");
+                b.write_all(line.as_bytes()).await.unwrap();
+                if i % 7 == 0 {
+                    // A second line right behind the first, while the reader may be mid-read.
+                    b.write_all(b"x\n").await.unwrap();
+                }
+                if back_rx.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        let mut buf = Vec::with_capacity(8192);
+        for i in 0..2000u32 {
+            let want = if i % 7 == 0 {
+                format!("{i}\nx\n")
+            } else {
+                format!("{i}\n")
+            };
+            while buf.len() < want.len() {
+                let n = tokio::time::timeout(Duration::from_secs(10), read_some(&a, &mut buf))
+                    .await
+                    .expect("the line arrives")
+                    .unwrap();
+                assert!(n > 0);
+            }
+            assert_eq!(buf, want.as_bytes());
+            buf.clear();
+            back_tx.send(()).await.unwrap();
+        }
+        drop(back_tx);
+        writer.await.unwrap();
+    }
+
+    /// A cancellation that comes while the reader is busy (its wait registered, but not
+    /// being polled) still ends the next wait, although that wait's first poll skips the
+    /// cancellations.
+    #[tokio::test]
+    async fn a_cancellation_while_the_reader_is_busy_ends_its_next_wait() {
+        let (gone_t, stop_t) = (CancellationToken::new(), CancellationToken::new());
+        let (gone, shutdown) = (gone_t.cancelled(), stop_t.cancelled());
+        tokio::pin!(gone, shutdown);
+        let mut armed = None;
+        // Pending once (waking the task at once), then ready: the first wait registers.
+        let read = async {
+            tokio::task::yield_now().await;
+            Ok(1)
+        };
+        let woke = wait_for_read(read, None, gone.as_mut(), shutdown.as_mut(), &mut armed).await;
+        assert!(matches!(woke, Woke::Read(Ok(1))));
+        assert!(armed.is_some(), "the cancellations are registered");
+        // Busy answering: the connection is dropped meanwhile.
+        gone_t.cancel();
+        let never = std::future::pending::<std::io::Result<usize>>();
+        let woke = tokio::time::timeout(
+            Duration::from_secs(10),
+            wait_for_read(never, None, gone.as_mut(), shutdown.as_mut(), &mut armed),
+        )
+        .await
+        .expect("the cancellation ends the wait");
+        assert!(matches!(woke, Woke::Gone));
+    }
 
     /// A stream waiting for room takes none of it: other lines still get the free slots
     /// (with `reserve_many`, the waiter held them and the next line found the queue full).

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::traits::StreamCommon;
-use llmd_proto::{encode_line, ErrorKind, Id, Request, Response, RpcError};
+use llmd_proto::{encode_line, ErrorKind, Id, Response, RpcError};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,20 +22,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-/// A result serialized once and shared by every answer that carries it.
-pub trait SharedJson: Send + Sync {
-    /// The JSON text.
-    fn json(&self) -> &str;
-}
-
-/// An answer the reader can send at once.
-pub type Ready = Result<Arc<dyn SharedJson>, RpcError>;
-
 /// What the server calls for each request.
 pub trait Dispatcher: Send + Sync + 'static {
-    /// The answer of `req` if it needs no waiting; the connection's reader sends it at once
-    /// (no task, no span). `None`: run it with [`Dispatcher::call`].
-    fn ready(&self, conn: &Conn, req: &Request) -> Option<Ready>;
+    /// Answers a request that needs no waiting by handing its result to `answer`, which
+    /// the connection's reader writes straight into its output (no task, no span, no copy
+    /// of a shared JSON text). False: run it with [`Dispatcher::call`].
+    fn ready(
+        &self,
+        conn: &Conn,
+        method: &str,
+        params: Option<&RawValue>,
+        answer: &mut dyn FnMut(Result<&str, &RpcError>),
+    ) -> bool;
 
     /// Runs one request (in its own task) to its result.
     fn call<'a>(

@@ -7,13 +7,15 @@ use crate::sync::lock;
 use llmd_proto::chat::Usage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Rows the queue holds: a burst far larger than any agent fleet makes fits (each row is a
-/// few hundred bytes), and the writer empties it a transaction at a time.
+/// few hundred bytes), and the writer empties it a transaction at a time. The queue is a
+/// list that grows with what it holds, bounded by a count: `sync_channel(QUEUE_ROWS)`
+/// allocates and touches every slot up front, 12 MiB of an idle daemon's memory.
 pub const QUEUE_ROWS: usize = 65_536;
 /// Rows written per transaction at most.
 const BATCH_ROWS: usize = 4_096;
@@ -70,8 +72,14 @@ enum Msg {
 /// agent's hot path, and one map under one lock would be a lock all connections share.
 #[derive(Default)]
 struct TokenCounters {
-    shards: [Mutex<HashMap<Arc<str>, ByAgent>>; SHARDS],
+    shards: [Shard; SHARDS],
 }
+
+/// One shard on its own cache lines: shards side by side would share a line, and the
+/// threads that bump them would take it from each other at every call.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<rustc_hash::FxHashMap<Arc<str>, ByAgent>>);
 
 /// Counter shards; a runtime thread keeps to one, so they are not contended.
 const SHARDS: usize = 8;
@@ -87,11 +95,11 @@ fn shard_of_thread() -> usize {
 }
 
 /// Calls by agent name.
-type ByAgent = HashMap<Arc<str>, u64>;
+type ByAgent = rustc_hash::FxHashMap<Arc<str>, u64>;
 
 impl TokenCounters {
     fn bump(&self, profile: &str, agent: &str) {
-        let mut map = lock(&self.shards[shard_of_thread()]);
+        let mut map = lock(&self.shards[shard_of_thread()].0);
         if let Some(n) = map.get_mut(profile).and_then(|a| a.get_mut(agent)) {
             *n += 1;
             return;
@@ -106,7 +114,7 @@ impl TokenCounters {
     fn take(&self) -> Vec<TokenCount> {
         let mut sum: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
         for shard in &self.shards {
-            for (profile, agents) in lock(shard).iter_mut() {
+            for (profile, agents) in lock(&shard.0).iter_mut() {
                 for (agent, n) in agents.iter_mut().filter(|(_, n)| **n > 0) {
                     *sum.entry((profile.clone(), agent.clone())).or_insert(0) += std::mem::take(n);
                 }
@@ -123,7 +131,7 @@ impl TokenCounters {
 
     /// Puts counts back after a failed write.
     fn give_back(&self, counts: Vec<TokenCount>) {
-        let mut map = lock(&self.shards[shard_of_thread()]);
+        let mut map = lock(&self.shards[shard_of_thread()].0);
         for c in counts {
             *map.entry(Arc::from(c.profile.as_str()))
                 .or_default()
@@ -139,12 +147,16 @@ struct Shared {
     enabled: AtomicBool,
     keep_days: AtomicU32,
     dropped: AtomicU64,
+    /// Rows sent and not yet taken by the writer.
+    queued: AtomicUsize,
+    /// The most rows `queued` may reach.
+    max_queued: usize,
 }
 
 /// The ledger's request side, owned by the daemon.
 pub struct Recorder {
     path: PathBuf,
-    tx: Option<SyncSender<Msg>>,
+    tx: Option<Sender<Msg>>,
     shared: Arc<Shared>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Why the ledger is not open, for the `usage` method.
@@ -167,6 +179,8 @@ impl Recorder {
             enabled: AtomicBool::new(cfg.enabled),
             keep_days: AtomicU32::new(cfg.keep_days),
             dropped: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            max_queued: QUEUE_ROWS,
         });
         let opened = crate::fsutil::ensure_private_dir(state_dir)
             .map_err(|e| e.to_string())
@@ -184,7 +198,7 @@ impl Recorder {
                 };
             }
         };
-        let (tx, rx) = mpsc::sync_channel(QUEUE_ROWS);
+        let (tx, rx) = mpsc::channel();
         let thread_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("llmd-usage".into())
@@ -262,19 +276,26 @@ impl Recorder {
             status,
             latency_ms: u64::try_from(r.latency.as_millis()).unwrap_or(u64::MAX),
         };
-        match tx.try_send(Msg::Row(row)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                if n % 1000 == 0 {
-                    tracing::warn!(
-                        dropped = n + 1,
-                        "usage ledger queue full; a request was not recorded"
-                    );
-                }
+        let queued = &self.shared.queued;
+        if queued.fetch_add(1, Ordering::Relaxed) >= self.shared.max_queued {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            if n % 1000 == 0 {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "usage ledger queue full; a request was not recorded"
+                );
             }
-            Err(TrySendError::Disconnected(_)) => {}
+            return;
         }
+        if tx.send(Msg::Row(row)).is_err() {
+            queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `token` calls are counted (the ledger is open and enabled).
+    pub fn counting(&self) -> bool {
+        self.tx.is_some() && self.enabled()
     }
 
     /// Counts one `token` call (written in aggregate, one row per profile, agent and day).
@@ -290,10 +311,10 @@ impl Recorder {
             return false;
         };
         let (ack, done) = tokio::sync::oneshot::channel();
-        // `send` waits while the queue is full: off the runtime's threads.
-        let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(ack)).is_ok());
-        let wait = async { matches!(sent.await, Ok(true)) && done.await.is_ok() };
-        tokio::time::timeout(limit, wait).await.unwrap_or(false)
+        if tx.send(Msg::Flush(ack)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(limit, done).await, Ok(Ok(())))
     }
 
     /// Writes what is queued and the counters, then stops the writer; waits at most
@@ -358,6 +379,8 @@ fn write_loop(mut ledger: Ledger, rx: mpsc::Receiver<Msg>, shared: &Shared) {
                 }
             }
         }
+        // Taken off the queue: room for as many new rows.
+        shared.queued.fetch_sub(rows.len(), Ordering::Relaxed);
         let counts = if counters_due || stop || !acks.is_empty() {
             last_counts = std::time::Instant::now();
             shared.counters.take()
@@ -404,8 +427,10 @@ mod tests {
         }
     }
 
-    fn recorder(tx: SyncSender<Msg>) -> Recorder {
-        Recorder {
+    /// A recorder whose queue holds `max_queued` rows, and the queue's other end.
+    fn recorder(max_queued: usize) -> (Recorder, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel();
+        let r = Recorder {
             path: PathBuf::new(),
             tx: Some(tx),
             shared: Arc::new(Shared {
@@ -413,16 +438,18 @@ mod tests {
                 enabled: AtomicBool::new(true),
                 keep_days: AtomicU32::new(90),
                 dropped: AtomicU64::new(0),
+                queued: AtomicUsize::new(0),
+                max_queued,
             }),
             writer: Mutex::new(None),
             error: None,
-        }
+        };
+        (r, rx)
     }
 
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
-        let (tx, rx) = mpsc::sync_channel(2);
-        let r = recorder(tx);
+        let (r, rx) = recorder(2);
         for _ in 0..5 {
             r.record(&request());
         }
@@ -430,11 +457,36 @@ mod tests {
         assert_eq!(rx.try_iter().count(), 2);
     }
 
+    /// The bound counts what the writer has not taken yet: once it wrote the rows, as
+    /// many new ones fit again. An idle recorder holds no preallocated queue.
+    #[tokio::test]
+    async fn rows_the_writer_took_make_room_for_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("usage.sqlite")).unwrap();
+        let (r, rx) = recorder(2);
+        let shared = r.shared.clone();
+        let writer = std::thread::spawn(move || write_loop(ledger, rx, &shared));
+        for _ in 0..2 {
+            r.record(&request());
+        }
+        assert!(r.flush(Duration::from_secs(10)).await);
+        assert_eq!(r.shared.queued.load(Ordering::Relaxed), 0);
+        for _ in 0..2 {
+            r.record(&request());
+        }
+        assert_eq!(r.dropped(), 0, "the written rows left room");
+        r.record(&request());
+        assert_eq!(r.dropped(), 1, "still bounded");
+        assert!(r.flush(Duration::from_secs(10)).await);
+        drop(r);
+        writer.join().unwrap();
+    }
+
     /// Counts made on several threads (several shards) come out as one count each.
     #[test]
     fn token_counts_of_all_threads_add_up() {
-        let (tx, _rx) = mpsc::sync_channel(1);
-        let r = Arc::new(recorder(tx));
+        let (r, _rx) = recorder(1);
+        let r = Arc::new(r);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let r = r.clone();
@@ -455,8 +507,7 @@ mod tests {
 
     #[test]
     fn token_counts_add_up_and_reset_without_losing_their_slots() {
-        let (tx, _rx) = mpsc::sync_channel(1);
-        let r = recorder(tx);
+        let (r, _rx) = recorder(1);
         for _ in 0..3 {
             r.count_token("p", Some("a"));
         }
@@ -479,8 +530,7 @@ mod tests {
 
     #[test]
     fn a_disabled_recorder_queues_nothing() {
-        let (tx, rx) = mpsc::sync_channel(8);
-        let r = recorder(tx);
+        let (r, rx) = recorder(8);
         r.configure(&crate::config::UsageConfig {
             enabled: false,
             ..Default::default()

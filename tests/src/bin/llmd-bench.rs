@@ -56,7 +56,7 @@ fn main() {
         echo_server(&args[1..]);
         return;
     }
-    if args.first().map(String::as_str) == Some("load") {
+    if matches!(args.first().map(String::as_str), Some("load" | "load-echo")) {
         // For profiling: `llmd-bench load CONNS SECS` prints the daemon's pid, gives a
         // profiler a second to attach, then runs the `token` load.
         let conns = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(64);
@@ -67,11 +67,21 @@ fn main() {
             .enable_all()
             .build()
             .expect("runtime");
+        // `load-echo`: the same load against the echo floor, to profile the two alike.
+        let echo = args[0] == "load-echo";
         rt.block_on(async {
-            let d = key_daemon();
-            eprintln!("daemon pid {}", d.pid().unwrap_or(0));
+            let (d, e);
+            let socket = if echo {
+                e = Echo::start(TOKEN_ANSWER_BYTES);
+                eprintln!("echo pid {}", e.child.id());
+                &e.path
+            } else {
+                d = key_daemon();
+                eprintln!("daemon pid {}", d.pid().unwrap_or(0));
+                &d.socket
+            };
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let s = hammer(&d.socket, TOKEN_REQUEST, conns, secs).await;
+            let s = hammer(socket, TOKEN_REQUEST, conns, secs).await;
             println!(
                 "{conns} conn.: p50 {} p99 {} {}",
                 fmt_us(s.p50),
@@ -861,6 +871,9 @@ async fn burst(path: &Path, n: usize) -> f64 {
     }
     us(last - start)
 }
+
+/// The `token` answer line of `key_daemon` (what `token` measures first), for the echo of `load-echo`.
+const TOKEN_ANSWER_BYTES: usize = 248;
 
 const STAMPEDE_REQUEST: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"token\",\"params\":{\"profile\":\"work\",\"min_valid_secs\":2000}}\n";
 
