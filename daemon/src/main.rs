@@ -40,6 +40,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Login tasks get a thread of their own (see `refresh::run_logins_on`). It lives as
+    // long as the process; a login task still running at exit ends with it, as it would
+    // with the main runtime.
+    match start_login_runtime() {
+        Ok(handle) => llmd::refresh::run_logins_on(handle),
+        Err(e) => {
+            eprintln!("llmd: cannot start the login thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = runtime.block_on(run(args, manager));
     // Requests cut at the end of the grace period still have tasks; they are dropped here,
     // and nothing may hold the exit for long.
@@ -51,6 +61,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A one-thread runtime for the login tasks, parked on its thread until the process ends.
+fn start_login_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("llmd-logins")
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("llmd-logins".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
 }
 
 /// `--check-config`: the file parses, and every profile has a credential this environment

@@ -49,6 +49,17 @@ const PERSIST_RETRY: Duration = Duration::from_secs(5);
 /// a wait for Claude Code's locks, a task that still says nothing is stuck, and the caller
 /// gets an error rather than waiting with it for good.
 const ANSWER_WAIT: Duration = Duration::from_secs(240);
+/// What a caller gets when the login task said nothing for [`ANSWER_WAIT`].
+fn no_answer() -> RpcError {
+    RpcError::new(
+        ErrorKind::RefreshFailed,
+        format!(
+            "the login task gave no answer within {} s",
+            ANSWER_WAIT.as_secs()
+        ),
+    )
+}
+
 /// `min_valid_secs` above this is treated as this (ten years), so arithmetic cannot wrap.
 const MAX_MIN_VALID: u64 = 10 * 365 * 86_400;
 /// Spent refresh tokens remembered per login.
@@ -205,6 +216,19 @@ pub struct LoginSpec {
     pub events: broadcast::Sender<Event>,
 }
 
+/// Where login tasks run, once the daemon has said (see [`run_logins_on`]).
+static LOGIN_RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+
+/// Runs every login task started from now on (and the refreshes it spawns: the token
+/// endpoint call, the file reads and writes) on `runtime` instead of the caller's. The
+/// daemon gives them a thread of their own: on the runtime that serves the socket, each
+/// step of a refresh waits its turn behind every request queued there, and in a stampede
+/// those are the thousand requests waiting for that very refresh. Unset (unit tests under
+/// a paused clock), login tasks run on the caller's runtime.
+pub fn run_logins_on(runtime: tokio::runtime::Handle) {
+    let _ = LOGIN_RUNTIME.set(runtime);
+}
+
 /// The handle the rest of the daemon holds; dropping every handle stops the task.
 #[derive(Clone, Debug)]
 pub struct LoginHandle {
@@ -270,7 +294,10 @@ impl LoginHandle {
             Err(e) => task.last_error = Some(e.to_string()),
         }
         task.publish();
-        tokio::spawn(task.run(owner));
+        match LOGIN_RUNTIME.get() {
+            Some(runtime) => drop(runtime.spawn(task.run(owner))),
+            None => drop(tokio::spawn(task.run(owner))),
+        }
         LoginHandle {
             snapshot: rx,
             commands: ctx,
@@ -291,30 +318,45 @@ impl LoginHandle {
         min_valid: u64,
         force: Force,
     ) -> Result<(Secret, Option<i64>), RpcError> {
+        let asked = Instant::now();
+        let deadline = asked + ANSWER_WAIT;
         if matches!(force, Force::No) {
-            if let Some((t, e)) = self.snapshot.borrow().valid_token(min_valid) {
-                return Ok((t.clone(), e));
+            let mut snapshot = self.snapshot.clone();
+            loop {
+                let refreshing = {
+                    let snap = snapshot.borrow_and_update();
+                    if let Some((t, e)) = snap.valid_token(min_valid) {
+                        return Ok((t.clone(), e));
+                    }
+                    snap.state == ProfileState::Refreshing
+                };
+                if !refreshing {
+                    break;
+                }
+                // A refresh is running: its result reaches every waiting caller at once
+                // through the snapshot, instead of a command each that the login task
+                // answers in turn after it. A caller it did not satisfy asks below, as
+                // one that asked when this call began (so it joins, not repeats, it).
+                match tokio::time::timeout_at(deadline, snapshot.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(RpcError::internal("login task stopped")),
+                    Err(_) => return Err(no_answer()),
+                }
             }
         }
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Get {
             min_valid,
             force,
-            asked: Instant::now(),
+            asked,
             reply,
         };
         self.commands
             .send(cmd)
             .map_err(|_| RpcError::internal("login task stopped"))?;
-        match tokio::time::timeout(ANSWER_WAIT, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(answer) => answer.map_err(|_| RpcError::internal("login task stopped"))?,
-            Err(_) => Err(RpcError::new(
-                ErrorKind::RefreshFailed,
-                format!(
-                    "the login task gave no answer within {} s",
-                    ANSWER_WAIT.as_secs()
-                ),
-            )),
+            Err(_) => Err(no_answer()),
         }
     }
 
@@ -1317,6 +1359,38 @@ mod tests {
         }
         assert_eq!(h.calls(), 1, "one upstream call for 50 callers");
         assert_eq!(h.on_disk().refresh, tokens(1, 0).refresh);
+    }
+
+    /// Callers that come while the refresh is at the endpoint wait for it through the
+    /// snapshot; its result, a failure too, is theirs, and nobody starts another.
+    #[tokio::test(start_paused = true)]
+    async fn callers_during_a_refresh_share_its_result_even_a_failure() {
+        for fails in [false, true] {
+            let mut h = start(&tokens(0, -1), 30);
+            let first = tokio::spawn(h.token());
+            let (_, reply) = h.next_call().await;
+            assert_eq!(h.handle.snapshot().state, ProfileState::Refreshing);
+            let joiners: Vec<_> = (0..20).map(|_| tokio::spawn(h.token())).collect();
+            tokio::task::yield_now().await;
+            let answer = if fails {
+                Err(RefreshError::Transient {
+                    why: "busy".into(),
+                    retry_after: None,
+                })
+            } else {
+                Ok(tokens(1, 3600))
+            };
+            reply.send(answer).unwrap();
+            for w in std::iter::once(first).chain(joiners) {
+                let got = access(&w.await.unwrap());
+                if fails {
+                    assert!(got.starts_with("error:"), "{got}");
+                } else {
+                    assert_eq!(got, "access-1");
+                }
+            }
+            assert_eq!(h.calls(), 1, "one upstream call (fails: {fails})");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -34,6 +34,10 @@ pub struct Conn {
     /// The `client` of `hello` alone: the agent the usage ledger records.
     pub client: Mutex<Option<Arc<str>>>,
     out: mpsc::Sender<Vec<u8>>,
+    /// Lines queued and not yet written by the writer task.
+    queued: Arc<AtomicUsize>,
+    /// The socket, for the lines written without the writer task.
+    stream: Arc<Stream>,
     /// Cancelled when the connection is dropped for good (write error, slow reader).
     pub gone: CancellationToken,
     /// Cancelled when no more requests will be read; subscriptions end then.
@@ -153,19 +157,54 @@ async fn room_for(out: &mpsc::Sender<Vec<u8>>, room: &tokio::sync::Notify, want:
 const STREAM_HEADROOM: usize = 32;
 
 impl Conn {
-    /// Queues a line for the client. A client that lets its queue fill up is disconnected
-    /// rather than allowed to hold memory or slow anyone down.
-    pub fn send(&self, line: Vec<u8>) -> bool {
+    /// Sends a line to the client: written at once when nothing is queued and nobody is
+    /// writing (no hand-over to the writer task, whose wake-up is most of the cost of an
+    /// answer), else queued behind what is. A client that lets its queue fill up is
+    /// disconnected rather than allowed to hold memory or slow anyone down.
+    pub fn send(&self, mut line: Vec<u8>) -> bool {
+        if self.queued.load(Ordering::Acquire) == 0 && self.turn.try_take() {
+            // Checked again with the turn held: a line queued before it was taken must
+            // go first (a stream's deltas keep their order).
+            if self.queued.load(Ordering::Acquire) == 0 {
+                let Stream::UdSocket(uds) = &*self.stream;
+                match uds.inner().try_write(&line) {
+                    Ok(n) if n == line.len() => {
+                        self.turn.give_back();
+                        return true;
+                    }
+                    Ok(n) => drop(line.drain(..n)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        self.turn.give_back();
+                        self.gone.cancel();
+                        return false;
+                    }
+                }
+            }
+            // Queued while the turn is still held, so it goes before any line sent after.
+            let ok = self.enqueue(line);
+            self.turn.give_back();
+            return ok;
+        }
+        self.enqueue(line)
+    }
+
+    fn enqueue(&self, line: Vec<u8>) -> bool {
+        self.queued.fetch_add(1, Ordering::AcqRel);
         match self.out.try_send(line) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
                 if !self.gone.is_cancelled() {
                     tracing::warn!("client is not reading its answers; closing the connection");
                     self.gone.cancel();
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                false
+            }
         }
     }
 
@@ -257,6 +296,8 @@ pub async fn serve(
         agent: Mutex::new(None),
         client: Mutex::new(None),
         out,
+        queued: Arc::new(AtomicUsize::new(0)),
+        stream: stream.clone(),
         gone: CancellationToken::new(),
         closing: CancellationToken::new(),
         inflight: InFlight::default(),
@@ -275,6 +316,7 @@ pub async fn serve(
         idle,
         conn.turn.clone(),
         conn.room.clone(),
+        conn.queued.clone(),
     ));
     let max_in_flight = cfg.max_queued_responses.saturating_mul(4);
     // When the current unfinished line began: the idle limit counts from there, so a
@@ -693,6 +735,7 @@ async fn write_loop(
     write_timeout: Duration,
     turn: Arc<Turn>,
     room: Arc<tokio::sync::Notify>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut tx: &Stream = &stream;
     let mut batch = Vec::with_capacity(16 * 1024);
@@ -704,10 +747,14 @@ async fn write_loop(
         let Some(first) = first else { break };
         batch.clear();
         batch.extend_from_slice(&first);
+        let mut lines = 1;
         // Coalesce whatever else is ready into one write.
         while batch.len() < 64 * 1024 {
             match queue.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
+                Ok(more) => {
+                    batch.extend_from_slice(&more);
+                    lines += 1;
+                }
                 Err(_) => break,
             }
         }
@@ -723,6 +770,8 @@ async fn write_loop(
             r = write => matches!(r, Ok(Ok(()))),
             _ = gone.cancelled() => false,
         };
+        // Written (or dropped with the connection): lines sent from now on may go direct.
+        queued.fetch_sub(lines, Ordering::AcqRel);
         if !ok {
             gone.cancel();
             break;

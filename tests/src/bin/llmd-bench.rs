@@ -789,41 +789,70 @@ async fn cache(opts: &Opts) {
 
 async fn stampede(opts: &Opts) {
     header("Refresh stampede: 1,000 concurrent `token` calls that all need a refresh");
+    // Once against the fake answering at once (the refresh overlaps the burst's arrival),
+    // once against a token endpoint with a network's latency, as a real one has: then
+    // every call is in before the answer, and what is measured is llmd's fan-out.
+    for endpoint_delay in [Duration::ZERO, STAMPEDE_ENDPOINT_DELAY] {
+        stampede_with(opts, endpoint_delay).await;
+    }
+}
+
+/// A token endpoint's latency over a network (Anthropic's answers in 100–300 ms).
+const STAMPEDE_ENDPOINT_DELAY: Duration = Duration::from_millis(50);
+
+async fn stampede_with(opts: &Opts, endpoint_delay: Duration) {
     let (mut single, mut all, mut upstream, mut floor) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut first, mut floor_first) = (Vec::new(), Vec::new());
     for _ in 0..opts.runs {
         // One caller alone: one refresh's latency.
-        let (_f, d) = stampede_daemon().await;
+        let (_f, d) = stampede_daemon(endpoint_delay).await;
         let mut c = LineConn::connect(&d.socket).await.expect("connect");
         let t = Instant::now();
         c.roundtrip(STAMPEDE_REQUEST).await.expect("token");
         single.push(us(t.elapsed()));
         drop(d);
         // A thousand at once.
-        let (fake, d) = stampede_daemon().await;
-        all.push(burst(&d.socket, 1000).await);
+        let (fake, d) = stampede_daemon(endpoint_delay).await;
+        let (f, a) = burst(&d.socket, 1000).await;
+        first.push(f);
+        all.push(a);
         upstream.push(fake.refresh_calls() as f64);
         // The same burst answered by the echo floor (no refresh, nothing to wait for).
-        let echo = Echo::start(230);
-        floor.push(burst(&echo.path, 1000).await);
+        let echo = Echo::start(TOKEN_ANSWER_BYTES);
+        let (f, a) = burst(&echo.path, 1000).await;
+        floor_first.push(f);
+        floor.push(a);
     }
     let (s, a, f) = (median(single), median(all), median(floor));
+    let endpoint = if endpoint_delay.is_zero() {
+        "endpoint answering at once".to_owned()
+    } else {
+        format!("endpoint answering in {} ms", endpoint_delay.as_millis())
+    };
     row(
-        "all 1,000 answered (from release to the last answer)",
+        &format!("{endpoint}: all 1,000 answered (from release to the last answer)"),
         &fmt_us(a),
         &format!("one refresh {}", fmt_us(s)),
         &format!("+{}", fmt_us(a - s)),
         "≤ one refresh + 5 ms",
     );
     row(
-        "the same burst of 1,000 against the echo floor",
+        &format!("{endpoint}: first of the 1,000 answered"),
+        &fmt_us(median(first)),
+        &format!("echo {}", fmt_us(median(floor_first))),
+        "",
+        "",
+    );
+    row(
+        &format!("{endpoint}: the same burst of 1,000 against the echo floor"),
         "",
         &format!("echo {}", fmt_us(f)),
         &format!("llmd − refresh − floor: {}", fmt_us(a - s - f)),
         "",
     );
     row(
-        "upstream refresh calls",
+        &format!("{endpoint}: upstream refresh calls"),
         &format!("{}", median(upstream)),
         "",
         "",
@@ -832,8 +861,8 @@ async fn stampede(opts: &Opts) {
 }
 
 /// `n` connections, each served once first, then all sending one stampede request at the
-/// same moment: µs from the release to the last answer.
-async fn burst(path: &Path, n: usize) -> f64 {
+/// same moment: µs from the release to the first and to the last answer.
+async fn burst(path: &Path, n: usize) -> (f64, f64) {
     let mut conns = Vec::new();
     for _ in 0..n {
         conns.push(LineConn::connect(path).await.expect("connect"));
@@ -857,11 +886,12 @@ async fn burst(path: &Path, n: usize) -> f64 {
         .collect();
     go.wait().await;
     let start = Instant::now();
-    let mut last = start;
+    let (mut first, mut last) = (None::<Instant>, start);
     let mut failed = 0;
     for t in tasks {
         let (end, ok) = t.await.expect("task");
         last = last.max(end);
+        first = Some(first.map_or(end, |f| f.min(end)));
         if !ok {
             failed += 1;
         }
@@ -869,7 +899,7 @@ async fn burst(path: &Path, n: usize) -> f64 {
     if failed > 0 {
         eprintln!("{failed} of {n} burst calls got no result");
     }
-    us(last - start)
+    (us(first.unwrap_or(start) - start), us(last - start))
 }
 
 /// The `token` answer line of `key_daemon` (what `token` measures first), for the echo of `load-echo`.
@@ -891,8 +921,9 @@ impl LineConn {
 
 /// A daemon whose login holds a token valid 1,000 s: callers asking for 2,000 s all need the
 /// one refresh (the fake issues 3,600 s tokens).
-async fn stampede_daemon() -> (FakeOAuth, Daemon) {
+async fn stampede_daemon(endpoint_delay: Duration) -> (FakeOAuth, Daemon) {
     let fake = FakeOAuth::start(3600).await;
+    fake.state().delay = endpoint_delay;
     let d = Daemon::builder()
         .config(&format!(
             "[daemon]\nrefresh_margin_secs = 60\n\n[profiles.work]\nprovider = \"anthropic\"\nauth = \"oauth\"\ntoken_endpoint = \"{}\"\n",
