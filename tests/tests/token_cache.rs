@@ -193,12 +193,17 @@ async fn a_token_too_close_to_expiry_is_asked_for_again() {
     let strict = relay.client().await.token_cache(300);
     let t = strict.token("work").await.unwrap();
     assert_eq!(t.token, access_of(1));
-    // The refresh it caused may announce itself before the answer: the cache then asks once
-    // more. Either way the new token is cached from then on.
+    // The refresh it caused announces itself on the cache's own subscription, a connection
+    // of its own, so the event may come before the answer (the cache then asks once more)
+    // or after it (it then drops the new token too, and the next call asks once more).
+    // Either way only the new token is served, for at most one request more.
     let asked = relay.seen.token_requests.load(Ordering::SeqCst);
     assert!((2..=3).contains(&asked), "{asked} requests");
-    assert!(Arc::ptr_eq(&strict.token("work").await.unwrap(), &t));
-    assert_eq!(relay.seen.token_requests.load(Ordering::SeqCst), asked);
+    for _ in 0..3 {
+        assert_eq!(strict.token("work").await.unwrap().token, access_of(1));
+    }
+    let now_asked = relay.seen.token_requests.load(Ordering::SeqCst);
+    assert!(now_asked <= asked + 1, "{now_asked} requests after {asked}");
 }
 
 async fn two_hundred_at_once(cache: &TokenCache) -> Arc<llmd_client::proto::methods::TokenResult> {
