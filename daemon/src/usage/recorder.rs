@@ -8,7 +8,7 @@ use llmd_proto::chat::Usage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -159,6 +159,9 @@ pub struct Recorder {
     tx: Option<Sender<Msg>>,
     shared: Arc<Shared>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer thread, woken for a flush or a stop (rows do not wake it: it gathers
+    /// them while it sleeps).
+    writer_thread: Option<std::thread::Thread>,
     /// Why the ledger is not open, for the `usage` method.
     error: Option<String>,
 }
@@ -194,6 +197,7 @@ impl Recorder {
                     tx: None,
                     shared,
                     writer: Mutex::new(None),
+                    writer_thread: None,
                     error: Some(e),
                 };
             }
@@ -218,6 +222,7 @@ impl Recorder {
             path,
             tx,
             shared,
+            writer_thread: writer.as_ref().map(|h| h.thread().clone()),
             writer: Mutex::new(writer),
             error,
         }
@@ -305,6 +310,12 @@ impl Recorder {
         }
     }
 
+    fn wake_writer(&self) {
+        if let Some(t) = &self.writer_thread {
+            t.unpark();
+        }
+    }
+
     /// Waits (at most `limit`) until everything recorded so far is in the file.
     pub async fn flush(&self, limit: Duration) -> bool {
         let Some(tx) = self.tx.clone() else {
@@ -314,6 +325,7 @@ impl Recorder {
         if tx.send(Msg::Flush(ack)).is_err() {
             return false;
         }
+        self.wake_writer();
         matches!(tokio::time::timeout(limit, done).await, Ok(Ok(())))
     }
 
@@ -322,8 +334,12 @@ impl Recorder {
     pub async fn close(&self, limit: Duration) {
         let Some(tx) = self.tx.clone() else { return };
         let handle = lock(&self.writer).take();
+        let thread = self.writer_thread.clone();
         let stop = tokio::task::spawn_blocking(move || {
             let _ = tx.send(Msg::Stop);
+            if let Some(t) = &thread {
+                t.unpark();
+            }
             if let Some(h) = handle {
                 let _ = h.join();
             }
@@ -358,15 +374,23 @@ fn write_loop(mut ledger: Ledger, rx: mpsc::Receiver<Msg>, shared: &Shared) {
             Err(RecvTimeoutError::Timeout) => counters_due = true,
         }
         // Rows arriving in the next moment join this transaction: one commit per burst
-        // instead of one per request. A flush or stop ends the wait at once.
+        // instead of one per request. The writer sleeps meanwhile rather than waiting on
+        // the queue, so a request's row does not wake a thread (on a busy machine each wake
+        // is a context switch on the cores that serve the requests). A flush or stop
+        // wakes it at once.
         let gather_until = std::time::Instant::now() + GATHER;
         while !stop && acks.is_empty() && !rows.is_empty() && rows.len() < BATCH_ROWS {
-            let left = gather_until.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
+            match rx.try_recv() {
                 Ok(Msg::Row(r)) => rows.push(r),
                 Ok(Msg::Flush(ack)) => acks.push(ack),
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stop = true,
-                Err(RecvTimeoutError::Timeout) => break,
+                Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => stop = true,
+                Err(TryRecvError::Empty) => {
+                    let left = gather_until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::park_timeout(left);
+                }
             }
         }
         if stop {
@@ -442,6 +466,7 @@ mod tests {
                 max_queued,
             }),
             writer: Mutex::new(None),
+            writer_thread: None,
             error: None,
         };
         (r, rx)
