@@ -468,7 +468,9 @@ async fn read_some(s: &tokio::net::UnixStream, buf: &mut Vec<u8>) -> std::io::Re
             }
             Err(e) => return Err(e),
         }
-        s.readable().await?;
+        // The stream's own reader slot, not a `readable()` waiter: no list entry to add
+        // and remove at every wait.
+        std::future::poll_fn(|cx| s.poll_read_ready(cx)).await?;
     }
 }
 
