@@ -67,6 +67,13 @@ pub struct Answer {
     pub json: Box<str>,
 }
 
+impl Answer {
+    /// Whether this answer carries `token` with this expiry (else it is out of date).
+    fn is_for(&self, token: &Secret, expires_at: Option<i64>) -> bool {
+        self.token == *token && self.expires_at == expires_at
+    }
+}
+
 impl std::fmt::Debug for Answer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Answer")
@@ -228,10 +235,7 @@ impl Profile {
         let (token, e, scopes) = match &self.credential {
             Credential::Static(Ok(k)) => {
                 let shared = self.answer.load();
-                if let Some(a) = shared
-                    .as_ref()
-                    .filter(|a| a.token == *k && a.expires_at.is_none())
-                {
+                if let Some(a) = shared.as_ref().filter(|a| a.is_for(k, None)) {
                     return Some(f(Ok(&a.json)));
                 }
                 (k.clone(), None, Vec::new())
@@ -246,9 +250,7 @@ impl Profile {
                 let new = {
                     let snap = h.snapshot();
                     let (t, e) = snap.valid_token(min_valid)?;
-                    let current = shared
-                        .as_ref()
-                        .is_some_and(|a| a.token == *t && a.expires_at == e);
+                    let current = shared.as_ref().is_some_and(|a| a.is_for(t, e));
                     (!current).then(|| (t.clone(), e, snap.scopes.clone()))
                 };
                 match new {
@@ -298,7 +300,7 @@ impl Profile {
     fn shared_answer(&self, token: &Secret, expires_at: Option<i64>) -> Option<Arc<Answer>> {
         let a = self.answer.load();
         let a = a.as_ref()?;
-        (a.token == *token && a.expires_at == expires_at).then(|| a.clone())
+        a.is_for(token, expires_at).then(|| a.clone())
     }
 
     /// The login's scopes (none for other credentials); takes the snapshot briefly.

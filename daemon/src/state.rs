@@ -33,6 +33,28 @@ pub struct Registry {
     pub pools: BTreeMap<String, Arc<Pool>>,
 }
 
+/// [`Target`] borrowed from a [`Registry`] (the hot path takes no reference count).
+#[derive(Debug, Clone, Copy)]
+pub enum TargetRef<'a> {
+    /// One profile.
+    Profile(&'a Arc<Profile>),
+    /// A pool of profiles.
+    Pool(&'a Arc<Pool>),
+}
+
+impl Registry {
+    /// What `name` stands for in this generation, or `unknown_profile`.
+    pub fn target(&self, name: &str) -> Result<TargetRef<'_>, RpcError> {
+        if let Some(p) = self.profiles.get(name) {
+            return Ok(TargetRef::Profile(p));
+        }
+        match self.pools.get(name) {
+            Some(pool) => Ok(TargetRef::Pool(pool)),
+            None => Err(RpcError::unknown_profile(name)),
+        }
+    }
+}
+
 /// What a profile name used by `chat`, `embed`, `token` or the gateway stands for.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -151,14 +173,10 @@ impl Daemon {
 
     /// A profile or a pool by name, or `unknown_profile`.
     pub fn target(&self, name: &str) -> Result<Target, RpcError> {
-        let reg = self.registry.load();
-        if let Some(p) = reg.profiles.get(name) {
-            return Ok(Target::Profile(p.clone()));
-        }
-        match reg.pools.get(name) {
-            Some(pool) => Ok(Target::Pool(pool.clone())),
-            None => Err(RpcError::unknown_profile(name)),
-        }
+        Ok(match self.registry.load().target(name)? {
+            TargetRef::Profile(p) => Target::Profile(p.clone()),
+            TargetRef::Pool(p) => Target::Pool(p.clone()),
+        })
     }
 
     /// Reads the config file again. On error the running config stays and the message

@@ -3,7 +3,7 @@
 use super::{ok, parse, parse_borrowed, Ctx, Reply};
 use crate::refresh::Force;
 use crate::server::connection::Conn;
-use crate::state::{Daemon, Target};
+use crate::state::{Daemon, Target, TargetRef};
 use crate::sync::lock;
 use llmd_proto::methods::{ProfileParams, TokenParams};
 use llmd_proto::RpcError;
@@ -37,13 +37,14 @@ pub fn ready(
         }
     };
     let registry = daemon.current();
-    let Some(profile) = registry.profiles.get(&*p.profile) else {
-        if registry.pools.contains_key(&*p.profile) {
-            // A pool picks a member per call: the slow path.
-            return false;
+    let profile = match registry.target(&p.profile) {
+        Ok(TargetRef::Profile(profile)) => profile,
+        // A pool picks a member per call: the slow path.
+        Ok(TargetRef::Pool(_)) => return false,
+        Err(e) => {
+            answer(Err(&e));
+            return true;
         }
-        answer(Err(&RpcError::unknown_profile(&p.profile)));
-        return true;
     };
     let served = profile.ready_answer(p.min_valid_secs.unwrap_or(0), |r| {
         let ok = r.is_ok();

@@ -162,31 +162,47 @@ impl Conn {
     /// answer), else queued behind what is. A client that lets its queue fill up is
     /// disconnected rather than allowed to hold memory or slow anyone down.
     pub fn send(&self, mut line: Vec<u8>) -> bool {
-        if self.queued.load(Ordering::Acquire) == 0 && self.turn.try_take() {
-            // Checked again with the turn held: a line queued before it was taken must
-            // go first (a stream's deltas keep their order).
-            if self.queued.load(Ordering::Acquire) == 0 {
-                let Stream::UdSocket(uds) = &*self.stream;
-                match uds.inner().try_write(&line) {
-                    Ok(n) if n == line.len() => {
-                        self.turn.give_back();
-                        return true;
-                    }
-                    Ok(n) => drop(line.drain(..n)),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        self.turn.give_back();
-                        self.gone.cancel();
-                        return false;
-                    }
-                }
+        match self.write_now(&line) {
+            None => self.enqueue(line),
+            Some(Err(())) => false,
+            Some(Ok(n)) if n == line.len() => {
+                self.turn.give_back();
+                true
             }
-            // Queued while the turn is still held, so it goes before any line sent after.
-            let ok = self.enqueue(line);
-            self.turn.give_back();
-            return ok;
+            Some(Ok(n)) => {
+                // Queued while the turn is still held, so it goes before any line sent after.
+                line.drain(..n);
+                let ok = self.enqueue(line);
+                self.turn.give_back();
+                ok
+            }
         }
-        self.enqueue(line)
+    }
+
+    /// When nobody is writing and nothing is queued: takes the turn and writes what the
+    /// socket takes of `line` now, without waiting. `Some(Ok(n))`: `n` bytes went out and
+    /// the turn is held (give it back once the rest is settled). `Some(Err(()))`: the
+    /// connection failed (the turn is given back). `None`: someone else writes first.
+    fn write_now(&self, line: &[u8]) -> Option<Result<usize, ()>> {
+        if self.queued.load(Ordering::Acquire) != 0 || !self.turn.try_take() {
+            return None;
+        }
+        // Checked again with the turn held: a line queued before it was taken must go
+        // first (a stream's deltas keep their order).
+        if self.queued.load(Ordering::Acquire) != 0 {
+            self.turn.give_back();
+            return None;
+        }
+        let Stream::UdSocket(uds) = &*self.stream;
+        match uds.inner().try_write(line) {
+            Ok(n) => Some(Ok(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(Ok(0)),
+            Err(_) => {
+                self.turn.give_back();
+                self.gone.cancel();
+                Some(Err(()))
+            }
+        }
     }
 
     fn enqueue(&self, line: Vec<u8>) -> bool {
@@ -353,7 +369,7 @@ pub async fn serve(
                 }
             }
         }
-        if !ready.is_empty() && !write_ready(&stream, &conn, &mut ready, idle).await {
+        if !ready.is_empty() && !write_ready(&conn, &mut ready, idle).await {
             conn.abort_all();
             break 'read;
         }
@@ -686,37 +702,28 @@ fn dispatch(
 
 /// Sends the answers the reader gave at once: itself when the socket is free (no hand-over
 /// to the writer task), else through the queue. False when the connection is gone.
-async fn write_ready(
-    stream: &Arc<Stream>,
-    conn: &Arc<Conn>,
-    ready: &mut Vec<u8>,
-    write_timeout: Duration,
-) -> bool {
-    if !conn.turn.try_take() {
-        conn.send(std::mem::take(ready));
-        return !conn.gone.is_cancelled();
-    }
+async fn write_ready(conn: &Arc<Conn>, ready: &mut Vec<u8>, write_timeout: Duration) -> bool {
     // Most answers fit the socket's buffer: one non-blocking write then needs no timer
-    // and no waiter. Only what is left waits, under the write timeout.
-    let Stream::UdSocket(uds) = &**stream;
-    match uds.inner().try_write(ready) {
-        Ok(n) if n == ready.len() => {
-            conn.turn.give_back();
-            ready.clear();
-            return true;
+    // and no waiter. Only what is left waits, under the write timeout, holding up the
+    // reader (a client that sends faster than it reads is slowed, not queued for).
+    let written = match conn.write_now(ready) {
+        None => {
+            conn.send(std::mem::take(ready));
+            return !conn.gone.is_cancelled();
         }
-        Ok(n) => {
-            ready.drain(..n);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        Err(_) => {
-            conn.turn.give_back();
+        Some(Err(())) => {
             ready.clear();
-            conn.gone.cancel();
             return false;
         }
+        Some(Ok(n)) => n,
+    };
+    if written == ready.len() {
+        conn.turn.give_back();
+        ready.clear();
+        return true;
     }
-    let mut tx: &Stream = stream;
+    ready.drain(..written);
+    let mut tx: &Stream = &conn.stream;
     let write = tokio::time::timeout(write_timeout, tx.write_all(ready));
     let ok = tokio::select! {
         r = write => matches!(r, Ok(Ok(()))),
